@@ -1,0 +1,116 @@
+"""LLaVA (CLIP vision + Llama text): the tiny config, and how the family encodes images and takes
+them back.
+
+LLaVA splices projected image features into the token embeddings at the `<|image|>` placeholders.
+`encode_images` returns `image_features [N_img, patches, hidden]`; a forward builds
+`inputs_embeds` and scatters each row's features into its placeholder positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IMAGE_SIZE = 112
+PATCH_SIZE = 14
+
+
+def tiny_config(tokenizer):
+    from transformers import LlavaConfig
+
+    image_token_id = tokenizer.convert_tokens_to_ids("<|image|>")
+    vision = dict(
+        model_type="clip_vision_model",
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        projection_dim=96,
+    )
+    text = dict(
+        model_type="llama",
+        vocab_size=len(tokenizer),
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[tokenizer.convert_tokens_to_ids("<|eot_id|>"), tokenizer.convert_tokens_to_ids("<|end_of_text|>")],
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+
+
+def image_processor():
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+
+
+def build_processor(tokenizer):
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=image_processor(),
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        chat_template=tokenizer.chat_template,
+        image_token="<|image|>",
+        num_additional_image_tokens=1,
+    )
+
+
+def inner_model(model):
+    """The `LlavaModel` below the LM head (works through PEFT wrappers)."""
+    return model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+
+
+def encode_images(model, pixel_values, **_) -> torch.Tensor:
+    """pixel_values [N, 3, H, W] -> image_features [N, patches, hidden]."""
+    core = inner_model(model)
+    out = core.get_image_features(
+        pixel_values=pixel_values,
+        vision_feature_layer=core.config.vision_feature_layer,
+        vision_feature_select_strategy=core.config.vision_feature_select_strategy,
+    )
+    return torch.stack(list(out.pooler_output))
+
+
+def forward_with_features(model, input_ids, attention_mask, image_features, **kwargs):
+    """Forward over rows that each carry their own `image_features` row ([B, S, hidden])."""
+    core = inner_model(model)
+    embeds = core.get_input_embeddings()(input_ids)
+    placeholders = (input_ids == core.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+    embeds = embeds.masked_scatter(placeholders, image_features.to(embeds.dtype))
+    return model(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+
+
+_TEXT = r"language_model\.layers\.\d+"
+_VISION = r"vision_tower\..*(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))"
+PRESET_PATTERNS = {
+    "language": rf".*{_TEXT}\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$",
+    # LLaVA has no cross-attention: the projector is where image and text meet.
+    "cross_attention": r".*multi_modal_projector\.linear_(1|2)$",
+    "vision": rf".*{_VISION}$",
+    "multimodal": rf".*(multi_modal_projector\.linear_(1|2)|{_VISION})$",
+    "all": (
+        rf".*({_TEXT}\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+        rf"|multi_modal_projector\.linear_(1|2)|{_VISION})$"
+    ),
+}
+QUANT_SKIP_MODULES = [r".*vision_tower", r".*multi_modal_projector", "lm_head"]
+SUPPORTS_8BIT = True

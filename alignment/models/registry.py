@@ -1,0 +1,142 @@
+"""Resolve a model name to a folder, and load model and processor from it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from alignment.models import llava, mllama
+
+FAMILIES: dict[str, ModuleType] = {"mllama": mllama, "llava": llava}
+TINY_MODELS: dict[str, str] = {"tiny-mllama": "mllama", "tiny-llava": "llava"}
+QUANTIZATIONS = ("none", "4bit", "8bit")
+_SHIPPED = Path(__file__).parent / "assets"
+_COMPLETE = "COMPLETE"
+
+
+def cache_root() -> Path:
+    """`$VLM_ALIGN_CACHE`, else `~/.cache/vlm-align`."""
+    return Path(os.environ.get("VLM_ALIGN_CACHE", Path.home() / ".cache" / "vlm-align"))
+
+
+def family_of(model_or_config) -> ModuleType:
+    """The family module (`mllama` or `llava`) of a model, PEFT model or config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"model type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def _build_tiny(name: str, folder: Path) -> None:
+    """Write tokenizer, processor, config and weights of a tiny model into `folder`, atomically."""
+    from transformers import LlavaForConditionalGeneration, MllamaForConditionalGeneration
+
+    from alignment.models.tokenizer import build_tokenizer
+
+    family = FAMILIES[TINY_MODELS[name]]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+    try:
+        tokenizer = build_tokenizer()
+        family.build_processor(tokenizer).save_pretrained(staging)
+        shipped = _SHIPPED / name
+        if (shipped / "model.safetensors").exists():
+            # A tiny base pretrained once on cover captions (see bench/pretrain_tiny.py).
+            for file in shipped.iterdir():
+                shutil.copy2(file, staging / file.name)
+        else:
+            model_class = MllamaForConditionalGeneration if family is mllama else LlavaForConditionalGeneration
+            torch.manual_seed(0)
+            model = model_class(family.tiny_config(tokenizer))
+            if family is mllama:
+                mllama.open_cross_attention_gates(model)
+            model.save_pretrained(staging)
+        (staging / _COMPLETE).write_text(name)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A tiny model's cached folder (built on first use), a local folder, or a hub id unchanged."""
+    if name_or_path in TINY_MODELS:
+        folder = cache_root() / "models" / name_or_path
+        if not (folder / _COMPLETE).exists():
+            _build_tiny(name_or_path, folder)
+        return str(folder)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model folder {path} has no config.json")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model folder {name_or_path} does not exist")
+    return name_or_path
+
+
+def load_processor(name_or_path: str, trust_remote_code: bool = False):
+    """The model's processor (tokenizer + image processor); right padding by default."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(
+        resolve_model_path(name_or_path), trust_remote_code=trust_remote_code
+    )
+    tokenizer = processor.tokenizer
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = "<|finetune_right_pad_id|>" if "<|finetune_right_pad_id|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    return processor
+
+
+def quantization_config(family: ModuleType, quantization: str, compute_dtype: torch.dtype):
+    """bitsandbytes settings: NF4 with double quantisation, or 8-bit; vision, projector, lm_head kept."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "none":
+        return None
+    if quantization == "8bit":
+        if not family.SUPPORTS_8BIT:
+            raise ValueError(f"8-bit quantization is not supported for the {family.__name__.split('.')[-1]} family; use 4bit")
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=family.QUANT_SKIP_MODULES)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=family.QUANT_SKIP_MODULES,
+    )
+
+
+def load_model(
+    name_or_path: str,
+    quantization: str = "none",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    device_map=None,
+):
+    """Load an image-text-to-text model; `quantization` in none | 4bit | 8bit (NF4, double quant)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    path = resolve_model_path(name_or_path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    family = family_of(config)
+    kwargs = {}
+    quant = quantization_config(family, quantization, dtype)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = device_map or ({"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"})
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+    )
+    return model

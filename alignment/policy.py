@@ -1,0 +1,374 @@
+"""`MultimodalPolicy`: one base VLM (4-bit or not) with named LoRA adapters and scalar heads.
+
+One base serves every role of post-training:
+- the actor / policy: a trainable adapter (`policy`);
+- the reference model: the same base with every adapter off (`reference()`);
+- the critic and the reward model: their own adapters (`critic`, `reward`) plus a scalar head each.
+
+Images are encoded once (`encode_images`) and the features are reused by every sequence that
+shows the same image (chosen and rejected, policy and reference), through `image_index`.
+
+Batch keys (from `alignment.data` collators): `input_ids [B,T]`, `attention_mask [B,T]`,
+`labels [B,T]` (-100 off the completion), `image_index [B]` (row -> image), the family's pixel
+inputs for N images, and for Mllama `cross_attention_mask [B,T,1,tiles]`.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from alignment.losses import sequence_logprobs
+from alignment.models import family_of, load_model, load_processor
+
+PRESETS = ("language", "cross_attention", "vision", "multimodal", "all")
+PIXEL_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
+ADAPTER_FILE = "adapter_model.safetensors"
+HEAD_FILE = "head.safetensors"
+
+
+@dataclass
+class LoraSpec:
+    """LoRA settings of one adapter."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    preset: str = "language"  # language | cross_attention | vision | multimodal | all
+    target_modules: list[str] | None = None  # exact module names; overrides the preset
+    extra_trainable: list[str] = field(default_factory=list)  # regexes of base params trained in full
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"lora preset must be one of {PRESETS}, got {self.preset!r}")
+        if self.r <= 0:
+            raise ValueError(f"lora r must be positive, got {self.r}")
+
+
+def resolve_preset(model: nn.Module, preset: str) -> list[str]:
+    """The exact, sorted names of the linear modules a LoRA preset targets in `model`."""
+    if preset not in PRESETS:
+        raise ValueError(f"lora preset must be one of {PRESETS}, got {preset!r}")
+    pattern = re.compile(family_of(model).PRESET_PATTERNS[preset])
+    # A module LoRA already wraps keeps its name (its linear moves to `.base_layer`).
+    names = [
+        n for n, m in model.named_modules()
+        if (isinstance(m, nn.Linear) or hasattr(m, "base_layer")) and "lora_" not in n
+        and not n.endswith(".base_layer") and pattern.fullmatch(n)
+    ]
+    if not names:
+        raise ValueError(f"lora preset {preset!r} matches no linear module of {type(model).__name__}")
+    return sorted(names)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+class MultimodalPolicy(nn.Module):
+    """A VLM with named adapters and heads; see the module docstring."""
+
+    def __init__(self, model: nn.Module, processor=None):
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        self.family = family_of(model)
+        self.heads = nn.ModuleDict()
+        self.trainable_adapters: set[str] = set()
+        self.active_adapter: str | None = None
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        quantization: str = "none",
+        dtype: torch.dtype = torch.float32,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+    ) -> MultimodalPolicy:
+        """Load base model and processor (tiny name, local folder or hub id); base weights frozen."""
+        model = load_model(name_or_path, quantization=quantization, dtype=dtype, trust_remote_code=trust_remote_code)
+        model.requires_grad_(False)
+        if quantization != "none":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+            model.requires_grad_(False)
+        elif gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        return cls(model, load_processor(name_or_path, trust_remote_code=trust_remote_code))
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The transformers model (under PEFT's wrappers, LoRA layers included)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.get_text_config().hidden_size
+
+    # ---------------------------------------------------------------- adapters
+    def add_adapter(self, name: str, spec: LoraSpec, trainable: bool = True, head: bool = False) -> list[str]:
+        """Add a LoRA adapter (and optionally a scalar head); returns the targeted module names."""
+        from peft import LoraConfig, get_peft_model
+
+        targets = spec.target_modules or resolve_preset(self.base_model, spec.preset)
+        config = LoraConfig(
+            r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets, bias="none"
+        )
+        if hasattr(self.model, "peft_config"):
+            if name in self.model.peft_config:
+                raise ValueError(f"adapter {name!r} exists already")
+            self.model.add_adapter(name, config)
+        else:
+            self.model = get_peft_model(self.model, config, adapter_name=name)
+        if trainable:
+            self.trainable_adapters.add(name)
+        if head:
+            self.heads[name] = nn.Linear(self.hidden_size, 1, dtype=torch.float32, device=self.device)
+            nn.init.normal_(self.heads[name].weight, std=1.0 / (self.hidden_size + 1) ** 0.5)
+            nn.init.zeros_(self.heads[name].bias)
+        self.set_adapter(name)
+        return targets
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(getattr(self.model, "peft_config", {}))
+
+    def set_adapter(self, name: str) -> None:
+        """Make `name` the adapter that forwards use; trainability of every adapter is kept."""
+        self.model.set_adapter(name)
+        self.active_adapter = name
+        for param_name, param in self.model.named_parameters():
+            match = re.search(r"\.lora_\w+\.([^.]+)\.", param_name)
+            if match:
+                param.requires_grad_(match.group(1) in self.trainable_adapters)
+
+    @contextmanager
+    def use_adapter(self, name: str):
+        previous = self.active_adapter
+        self.set_adapter(name)
+        try:
+            yield self
+        finally:
+            if previous is not None:
+                self.set_adapter(previous)
+
+    @contextmanager
+    def reference(self):
+        """Every adapter off: the frozen base is the reference model."""
+        if not hasattr(self.model, "disable_adapter"):
+            yield self
+            return
+        with self.model.disable_adapter():
+            yield self
+
+    @property
+    def vision_is_adapted(self) -> bool:
+        """True when an adapter touches the vision tower or projector (features then differ per adapter)."""
+        return any(
+            "lora_" in n and re.search(r"vision_model|vision_tower|multi_modal_projector", n)
+            for n, _ in self.model.named_parameters()
+        )
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def save_adapter(self, name: str, folder: str | Path) -> Path:
+        """Write adapter `name` in PEFT's format (adapter_config.json + safetensors), and its head."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.peft_config[name].save_pretrained(str(folder))
+        state = get_peft_model_state_dict(self.model, adapter_name=name)
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / ADAPTER_FILE))
+        if name in self.heads:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.heads[name].state_dict().items()},
+                      str(folder / HEAD_FILE))
+        return folder
+
+    def load_adapter(self, name: str, folder: str | Path, trainable: bool = True) -> None:
+        """Load (or overwrite) adapter `name` from a folder written by `save_adapter` or PEFT."""
+        from peft import LoraConfig, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / ADAPTER_FILE).exists():
+            raise FileNotFoundError(f"no {ADAPTER_FILE} in {folder}")
+        config = LoraConfig.from_pretrained(str(folder))
+        if name not in self.adapters:
+            spec = LoraSpec(r=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                            target_modules=sorted(config.target_modules))
+            self.add_adapter(name, spec, trainable=trainable)
+        state = load_file(str(folder / ADAPTER_FILE), device=str(self.device))
+        result = set_peft_model_state_dict(self.model, state, adapter_name=name)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if unexpected:
+            raise ValueError(f"adapter in {folder} does not fit this model: unexpected keys {unexpected[:3]}")
+        if (folder / HEAD_FILE).exists():
+            head_state = load_file(str(folder / HEAD_FILE), device=str(self.device))
+            if name not in self.heads:
+                self.heads[name] = nn.Linear(self.hidden_size, 1, device=self.device)
+            self.heads[name].load_state_dict(head_state)
+        if trainable:
+            self.trainable_adapters.add(name)
+        self.set_adapter(name)
+
+    def copy_adapter(self, source: str, target: str) -> None:
+        """Copy the LoRA weights (and head) of `source` into the existing adapter `target`."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.model, adapter_name=source)
+        set_peft_model_state_dict(self.model, state, adapter_name=target)
+        if source in self.heads and target in self.heads:
+            self.heads[target].load_state_dict(self.heads[source].state_dict())
+
+    # ------------------------------------------------------------------ images
+    def encode_images(self, batch: dict) -> torch.Tensor:
+        """The family's image features for the batch's N images, computed once: Mllama
+        `[N, tiles*patches, hidden]` cross-attention states, LLaVA `[N, patches, hidden]`."""
+        pixels = {k: batch[k] for k in PIXEL_KEYS if k in batch}
+        return self.family.encode_images(self.model, **pixels)
+
+    # ---------------------------------------------------------------- forwards
+    def _row_features(self, batch: dict, image_features: torch.Tensor | None) -> torch.Tensor:
+        if image_features is None:
+            image_features = self.encode_images(batch)
+        index = batch.get("image_index")
+        if index is None:
+            index = torch.arange(batch["input_ids"].shape[0], device=image_features.device)
+        return image_features[index.to(image_features.device)]
+
+    def forward(self, batch: dict, image_features: torch.Tensor | None = None, hidden: bool = False):
+        """Causal-LM output for the batch's rows; `image_features` from `encode_images` skips the
+        vision tower. With `hidden=True` the output carries `hidden_states` (last one used by heads)."""
+        kwargs = {"cross_attention_mask": batch["cross_attention_mask"]} if "cross_attention_mask" in batch else {}
+        return self.family.forward_with_features(
+            self.model,
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            image_features=self._row_features(batch, image_features),
+            output_hidden_states=hidden,
+            use_cache=False,
+            **kwargs,
+        )
+
+    def completion_logprobs(self, batch: dict, image_features: torch.Tensor | None = None):
+        """Log-probs of the labelled (completion) tokens under the active adapter.
+
+        Returns `(token_logprobs [B, T-1], seq_logprobs [B], mask [B, T-1])`; position t scores
+        token t+1 given tokens <= t; mask is 1.0 on completion tokens.
+        """
+        logits = self.forward(batch, image_features).logits.float()
+        labels = batch["labels"]
+        mask = (labels != -100).float()
+        token_logprobs, seq_logprobs = sequence_logprobs(logits, labels.clamp(min=0), mask)
+        return token_logprobs, seq_logprobs, mask[:, 1:]
+
+    def head_values(self, batch: dict, head: str, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Scalar head `head` on every position's last hidden state: values [B, T] (float32).
+
+        Call under `use_adapter(head)` (or another adapter) to choose the LoRA weights under it."""
+        out = self.forward(batch, image_features, hidden=True)
+        return self.heads[head](out.hidden_states[-1].float()).squeeze(-1)
+
+    def sequence_scores(self, batch: dict, head: str, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """The head's value at each row's last non-padding token: scores [B] (the reward model's output)."""
+        values = self.head_values(batch, head, image_features)
+        last = batch["attention_mask"].long().cumsum(-1).argmax(-1)
+        return values.gather(1, last[:, None]).squeeze(1)
+
+    # -------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: dict,
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        image_features: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample completions for left-padded prompts with a KV cache; images encoded once.
+
+        Returns new tokens `[B, L]` (L <= max_new_tokens); after a row's <|eot_id|> (or other stop
+        token) it holds the pad id. temperature 0 is greedy.
+        """
+        tokenizer = self.processor.tokenizer
+        stop_ids = torch.tensor(sorted(self._stop_token_ids()), device=self.device)
+        pad_id = tokenizer.pad_token_id
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        features = self._row_features(batch, image_features)
+        cross_mask = batch.get("cross_attention_mask")
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        extra = {"cross_attention_mask": cross_mask} if cross_mask is not None else {}
+        out = self.family.forward_with_features(
+            self.model, input_ids=input_ids, attention_mask=attention_mask, image_features=features,
+            position_ids=position_ids, use_cache=True, **extra,
+        )
+        past = out.past_key_values
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
+        new_tokens = []
+        logits = out.logits[:, -1]
+        for _ in range(max_new_tokens):
+            token = _sample(logits.float(), temperature, top_p, generator)
+            token = torch.where(finished, torch.full_like(token, pad_id), token)
+            new_tokens.append(token)
+            finished |= torch.isin(token, stop_ids)
+            if finished.all():
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            step = {"cross_attention_mask": cross_mask[:, -1:]} if cross_mask is not None else {}
+            out = self.model(
+                input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past, use_cache=True, **step,
+            )
+            past, logits = out.past_key_values, out.logits[:, -1]
+        return torch.stack(new_tokens, dim=1)
+
+    def _stop_token_ids(self) -> set[int]:
+        tokenizer = self.processor.tokenizer
+        ids = {tokenizer.convert_tokens_to_ids("<|eot_id|>"), tokenizer.eos_token_id}
+        eos = self.config.get_text_config().eos_token_id
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return {i for i in ids if i is not None and i >= 0}
+
+    def decode(self, tokens: torch.Tensor) -> list[str]:
+        """New tokens [B, L] -> answer strings, cut at the first stop token."""
+        stops = self._stop_token_ids()
+        texts = []
+        for row in tokens.tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            texts.append(self.processor.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        return texts
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]: greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,19 @@
+"""Shared test setup: a private model cache, few threads, fixed seeds."""
+
+import os
+import tempfile
+
+os.environ.setdefault("VLM_ALIGN_CACHE", os.path.join(tempfile.gettempdir(), "vlm-align-test-cache"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,206 @@
+"""MultimodalPolicy on both tiny families: image features, reference, adapters, presets, 4-bit, generation."""
+
+import pytest
+import torch
+from PIL import Image
+
+from alignment.policy import LoraSpec, MultimodalPolicy, resolve_preset
+
+FAMILIES = ["tiny-mllama", "tiny-llava"]
+PROMPT = (
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|> Answer question based on the image,"
+    " do not explain {q}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+
+
+def make_batch(policy, answers=("Maria Lopez", "Travel"), padding_side="right", with_answer=True):
+    """Two rows, each with its own image; labels on the answer tokens only."""
+    colours = [(200, 60, 40), (40, 120, 200)]
+    images = [Image.new("RGB", (112, 112), c) for c in colours[: len(answers)]]
+    prompts = [PROMPT.format(q="Who wrote this book?") for _ in answers]
+    texts = [p + (a + "<|eot_id|>" if with_answer else "") for p, a in zip(prompts, answers)]
+    tok = policy.processor.tokenizer
+    tok.padding_side = padding_side
+    batch = dict(policy.processor(images=[[im] for im in images] if policy.family.__name__.endswith("mllama") else images,
+                                  text=texts, return_tensors="pt", padding=True, add_special_tokens=False))
+    tok.padding_side = "right"
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    for i, p in enumerate(prompts):
+        n_prompt = len(policy.processor(images=[images[i]] if not policy.family.__name__.endswith("mllama") else [[images[i]]],
+                                        text=[p], add_special_tokens=False)["input_ids"][0])
+        labels[i, :n_prompt] = -100
+    batch["labels"] = labels
+    batch["image_index"] = torch.arange(len(answers))
+    return batch
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def name(request):
+    return request.param
+
+
+def load(name, quantization="none"):
+    return MultimodalPolicy.from_pretrained(name, quantization=quantization)
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_features_path_equals_plain_forward(name, quantization):
+    policy = load(name, quantization)
+    batch = make_batch(policy)
+    pixels = {k: v for k, v in batch.items() if k not in ("labels", "image_index")}
+    with torch.no_grad():
+        plain = policy.model(**pixels).logits
+        features = policy.encode_images(batch)
+        via_features = policy.forward(batch, image_features=features).logits
+    tol = 1e-5 if quantization == "none" else 1e-4
+    torch.testing.assert_close(via_features, plain, atol=tol, rtol=0)
+
+
+def test_one_encoded_image_serves_several_rows(name):
+    policy = load(name)
+    batch = make_batch(policy, answers=("Maria Lopez", "Travel"))
+    with torch.no_grad():
+        features = policy.encode_images(batch)
+        one = {k: v[:1] if torch.is_tensor(v) else v for k, v in batch.items()}
+        # Row 1 re-uses image 0: the same as row 1's text shown with image 0 alone.
+        shared = dict(batch, image_index=torch.tensor([0, 0]))
+        logp_shared = policy.completion_logprobs(shared, image_features=features)[1]
+        logp_first = policy.completion_logprobs(one, image_features=features[:1])[1]
+    torch.testing.assert_close(logp_shared[0], logp_first[0], atol=1e-5, rtol=0)
+
+
+def test_fresh_lora_leaves_logprobs_unchanged_and_reference_is_base(name):
+    policy = load(name)
+    batch = make_batch(policy)
+    with torch.no_grad():
+        base = policy.completion_logprobs(batch)[1]
+    policy.add_adapter("policy", LoraSpec(r=4, preset="language"))
+    with torch.no_grad():
+        fresh = policy.completion_logprobs(batch)[1]
+    torch.testing.assert_close(fresh, base, atol=1e-6, rtol=0)
+    with torch.no_grad():  # perturb the adapter: policy moves, reference stays the base
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05 * torch.randn_like(p))
+        moved = policy.completion_logprobs(batch)[1]
+        with policy.reference():
+            ref = policy.completion_logprobs(batch)[1]
+    assert (moved - base).abs().max() > 1e-3
+    torch.testing.assert_close(ref, base, atol=1e-6, rtol=0)
+
+
+EXPECTED_PRESET_SUFFIXES = {
+    # 4 self-attention layers x (4 attention + 3 MLP) + the MLPs of the 2 cross-attention layers
+    ("tiny-mllama", "language"): ({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, 4 * 7 + 2 * 3),
+    ("tiny-mllama", "cross_attention"): ({"q_proj", "k_proj", "v_proj", "o_proj"}, 2 * 4),
+    ("tiny-mllama", "vision"): ({"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"}, 4 * 6),
+    ("tiny-mllama", "multimodal"): ({"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2", "multi_modal_projector"}, 2 * 4 + 4 * 6 + 1),
+    ("tiny-llava", "language"): ({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, 4 * 7),
+    ("tiny-llava", "vision"): ({"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}, 3 * 6),
+    ("tiny-llava", "multimodal"): ({"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "linear_1", "linear_2"}, 3 * 6 + 2),
+}
+
+
+@pytest.mark.parametrize("preset", ["language", "cross_attention", "vision", "multimodal", "all"])
+def test_presets_select_exactly_the_intended_modules(name, preset):
+    policy = load(name)
+    names = resolve_preset(policy.model, preset)
+    suffixes = {n.split(".")[-1] for n in names}
+    if (name, preset) in EXPECTED_PRESET_SUFFIXES:
+        want_suffixes, want_count = EXPECTED_PRESET_SUFFIXES[(name, preset)]
+        assert suffixes == want_suffixes
+        assert len(names) == want_count
+    if preset == "language":
+        assert all(".language_model.layers." in n and "cross_attn" not in n for n in names)
+    if preset == "cross_attention" and name == "tiny-mllama":
+        assert all(".cross_attn." in n for n in names)
+        assert {int(n.split(".layers.")[1].split(".")[0]) for n in names} == {1, 4}
+    if preset == "vision":
+        assert all("vision" in n for n in names)
+    if preset == "all":
+        everything = set()
+        for other in ("language", "cross_attention", "vision", "multimodal"):
+            everything |= set(resolve_preset(policy.model, other))
+        assert set(names) == everything
+    assert "lm_head" not in names
+
+
+def test_four_bit_quantizes_text_only(name):
+    import bitsandbytes as bnb
+
+    policy = load(name, "4bit")
+    quantized = [n for n, m in policy.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and all(".language_model." in n for n in quantized)
+    assert not any("vision" in n or "multi_modal_projector" in n or "lm_head" in n for n in quantized)
+    assert isinstance(policy.model.lm_head, torch.nn.Linear) and not isinstance(policy.model.lm_head, bnb.nn.Linear4bit)
+    assert policy.model.lm_head.weight.dtype == torch.float32
+
+
+def test_eight_bit_refused_for_mllama():
+    with pytest.raises(ValueError, match="8-bit"):
+        load("tiny-mllama", "8bit")
+
+
+def test_adapter_round_trip_is_exact(name, tmp_path):
+    policy = load(name)
+    policy.add_adapter("reward", LoraSpec(r=4, preset="language"), head=True)
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    batch = make_batch(policy)
+    with torch.no_grad():
+        before = policy.sequence_scores(batch, "reward")
+    policy.save_adapter("reward", tmp_path / "reward")
+    assert (tmp_path / "reward" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "reward" / "adapter_config.json").exists()
+    fresh = load(name)
+    fresh.load_adapter("reward", tmp_path / "reward")
+    with torch.no_grad():
+        after = fresh.sequence_scores(batch, "reward")
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
+def test_adapters_switch_and_stay_trainable(name):
+    policy = load(name)
+    policy.add_adapter("policy", LoraSpec(r=4))
+    policy.add_adapter("critic", LoraSpec(r=4), head=True)
+    trainable = {n.split(".lora_")[1].split(".")[1] for n, p in policy.model.named_parameters() if p.requires_grad}
+    assert trainable == {"policy", "critic"}
+    batch = make_batch(policy)
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n and ".critic." in n:
+                p.add_(0.1)
+        with policy.use_adapter("policy"):
+            a = policy.completion_logprobs(batch)[1]
+        with policy.use_adapter("critic"):
+            b = policy.completion_logprobs(batch)[1]
+        with policy.reference():
+            ref = policy.completion_logprobs(batch)[1]
+    torch.testing.assert_close(a, ref, atol=1e-6, rtol=0)  # policy adapter still fresh
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_generation_stops_at_eot(name):
+    """Train the answer in, then greedy generation ends at <|eot_id|> and decodes the answer."""
+    policy = load(name)
+    policy.add_adapter("policy", LoraSpec(r=8, alpha=16, preset="all"))
+    batch = make_batch(policy, answers=("Maria Lopez", "Travel"))
+    # A random base's frozen norm and LM head cap the logit scale; let the head train too.
+    policy.base_model.lm_head.requires_grad_(True)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=3e-3)
+    for _ in range(60):
+        _, seq, mask = policy.completion_logprobs(batch)
+        loss = -(seq / mask.sum(-1)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    prompts = make_batch(policy, answers=("Maria Lopez", "Travel"), with_answer=False, padding_side="left")
+    tokens = policy.generate(prompts, max_new_tokens=12)
+    eot = policy.processor.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert tokens.shape[1] < 12  # stopped early
+    for row in tokens.tolist():
+        assert eot in row
+    assert policy.decode(tokens) == ["Maria Lopez", "Travel"]
