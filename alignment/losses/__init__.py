@@ -1,0 +1,48 @@
+"""Loss math for SFT, reward modelling, DPO and PPO: plain tensors in, tensors out; torch only.
+
+Shapes: B batch, T tokens, V vocabulary. ``mask`` is 1 on the tokens that count, 0 elsewhere.
+Log-probs are natural log.
+"""
+
+from .dpo import DPO_LOSS_TYPES, dpo_loss, dpo_sigmoid_loss, hinge_loss, ipo_loss
+from .kl import AdaptiveKLController, FixedKLController
+from .logprobs import entropy_from_logits, gather_logprobs, sequence_logprobs
+from .masked import masked_mean, masked_sum, masked_var, masked_whiten
+from .ppo import (
+    gae_advantages,
+    kl_penalized_rewards,
+    last_counted_index,
+    ppo_policy_loss,
+    ppo_policy_loss_sum,
+    ppo_value_loss,
+    ppo_value_loss_sum,
+)
+from .reward import bradley_terry_loss
+from .sft import sft_loss, sft_loss_sum
+
+__all__ = [
+    "DPO_LOSS_TYPES",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "dpo_sigmoid_loss",
+    "entropy_from_logits",
+    "gae_advantages",
+    "gather_logprobs",
+    "hinge_loss",
+    "ipo_loss",
+    "kl_penalized_rewards",
+    "last_counted_index",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "ppo_policy_loss",
+    "ppo_policy_loss_sum",
+    "ppo_value_loss",
+    "ppo_value_loss_sum",
+    "sequence_logprobs",
+    "sft_loss",
+    "sft_loss_sum",
+]

@@ -1,0 +1,76 @@
+"""Direct Preference Optimization losses (Rafailov et al. 2023) and the IPO / hinge variants.
+
+All log-probs are per-sequence sums ``[B]`` (natural log) of the completion tokens, e.g.
+``sequence_logprobs(...)[1]``. The variants share one input, the log-ratio margin
+
+    h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))      [B]
+
+and are separate functions chosen by ``DPO_LOSS_TYPES``.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def _no_smoothing(name: str, label_smoothing: float) -> None:
+    if label_smoothing != 0.0:
+        raise ValueError(f"label_smoothing applies to the 'sigmoid' loss only, not {name!r}")
+
+
+def dpo_sigmoid_loss(logits: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """DPO: ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)`` per pair, ``[B]`` -> ``[B]``.
+
+    ``logits`` is h; ``eps = label_smoothing`` is the assumed probability that a preference label
+    is flipped (conservative DPO). Equals ``log 2`` when h = 0.
+    """
+    scaled = beta * logits
+    return -(1.0 - label_smoothing) * F.logsigmoid(scaled) - label_smoothing * F.logsigmoid(-scaled)
+
+
+def ipo_loss(logits: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """IPO (Azar et al. 2023, eq. 17): ``(h - 1 / (2 beta))**2`` per pair, ``[B]`` -> ``[B]``.
+
+    h is used as given. TRL divides each sequence's log-ratio by its completion length before
+    this; pass per-token-averaged log-probs to ``dpo_loss`` to get that form.
+    """
+    _no_smoothing("ipo", label_smoothing)
+    return (logits - 1.0 / (2.0 * beta)) ** 2
+
+
+def hinge_loss(logits: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """SLiC-style hinge: ``max(0, 1 - beta h)`` per pair, ``[B]`` -> ``[B]``."""
+    _no_smoothing("hinge", label_smoothing)
+    return torch.relu(1.0 - beta * logits)
+
+
+DPO_LOSS_TYPES = {"sigmoid": dpo_sigmoid_loss, "ipo": ipo_loss, "hinge": hinge_loss}
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair preference loss and implicit rewards.
+
+    Args:
+        policy_*_logps, ref_*_logps: ``[B]`` summed completion log-probs under the policy and the
+            frozen reference.
+        beta: strength of the implicit KL penalty to the reference.
+        loss_type: a key of ``DPO_LOSS_TYPES`` (``sigmoid``, ``ipo``, ``hinge``).
+        label_smoothing: eps of conservative DPO (``sigmoid`` only).
+
+    Returns:
+        ``(losses [B], chosen_rewards [B], rejected_rewards [B])``; rewards are
+        ``beta * (log pi - log ref)`` per sequence, detached. Average ``losses`` for the step.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"Unknown DPO loss_type {loss_type!r}; valid: {sorted(DPO_LOSS_TYPES)}")
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    losses = DPO_LOSS_TYPES[loss_type](chosen_logratios - rejected_logratios, beta, label_smoothing)
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()

@@ -1,0 +1,224 @@
+"""DPO losses: hand-worked numbers, loop reference, properties, gradcheck, and agreement with TRL."""
+
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.testing import assert_close
+
+from alignment.losses import DPO_LOSS_TYPES, dpo_loss, dpo_sigmoid_loss, hinge_loss, ipo_loss
+
+LOGP = st.floats(-50.0, 0.0)
+
+
+def _neg_log_sigmoid(x):
+    return math.log1p(math.exp(-x)) if x >= 0 else -x + math.log1p(math.exp(x))
+
+
+def _ref_loss(pc, pr, rc, rr, beta, loss_type, eps):
+    h = (pc - rc) - (pr - rr)
+    if loss_type == "sigmoid":
+        return (1 - eps) * _neg_log_sigmoid(beta * h) + eps * _neg_log_sigmoid(-beta * h)
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    return max(0.0, 1 - beta * h)
+
+
+def _random_logps(seed, b=8):
+    gen = torch.Generator().manual_seed(seed)
+    return [-torch.rand(b, generator=gen, dtype=torch.float64) * 40 for _ in range(4)]
+
+
+def test_hand_worked():
+    """pi_c = -1, ref_c = -2, pi_r = -3, ref_r = -3: h = (-1 - -2) - (-3 - -3) = 1; beta = 0.5.
+
+    sigmoid: -log sigmoid(0.5) = 0.474077; with eps = 0.1: 0.9 * 0.474077 + 0.1 * 0.974077
+    = 0.524077 (-log sigmoid(-0.5) = 0.5 + 0.474077). ipo: (1 - 1/(2 * 0.5))^2 = 0.
+    hinge: max(0, 1 - 0.5) = 0.5. Rewards: chosen 0.5 * (-1 - -2) = 0.5, rejected 0.
+    """
+    args = [torch.tensor([v]) for v in (-1.0, -3.0, -2.0, -3.0)]
+    expected = {"sigmoid": 0.474077, "ipo": 0.0, "hinge": 0.5}
+    for loss_type, value in expected.items():
+        losses, chosen_rewards, rejected_rewards = dpo_loss(*args, beta=0.5, loss_type=loss_type)
+        assert_close(losses, torch.tensor([value]), atol=1e-6, rtol=0)
+        assert_close(chosen_rewards, torch.tensor([0.5]))
+        assert_close(rejected_rewards, torch.tensor([0.0]))
+    smoothed, _, _ = dpo_loss(*args, beta=0.5, label_smoothing=0.1)
+    assert_close(smoothed, torch.tensor([0.524077]), atol=1e-6, rtol=0)
+
+
+def test_against_float64_loop_reference():
+    pc, pr, rc, rr = _random_logps(0)
+    for loss_type, eps, beta in [
+        ("sigmoid", 0.0, 0.1),
+        ("sigmoid", 0.2, 0.5),
+        ("ipo", 0.0, 0.3),
+        ("hinge", 0.0, 0.05),
+    ]:
+        losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, beta, loss_type, eps)
+        for i in range(len(pc)):
+            args = (pc[i].item(), pr[i].item(), rc[i].item(), rr[i].item())
+            assert_close(losses[i].item(), _ref_loss(*args, beta, loss_type, eps))
+            assert_close(chosen_rewards[i].item(), beta * (args[0] - args[2]))
+            assert_close(rejected_rewards[i].item(), beta * (args[1] - args[3]))
+
+
+def test_table_and_errors():
+    assert DPO_LOSS_TYPES == {"sigmoid": dpo_sigmoid_loss, "ipo": ipo_loss, "hinge": hinge_loss}
+    one = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"'hinge', 'ipo', 'sigmoid'"):
+        dpo_loss(one, one, one, one, loss_type="kto")
+    with pytest.raises(ValueError, match="sigmoid"):
+        dpo_loss(one, one, one, one, loss_type="ipo", label_smoothing=0.1)
+
+
+def test_rewards_are_detached():
+    pc, pr, rc, rr = (t.requires_grad_(True) for t in _random_logps(1))
+    losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr)
+    assert losses.requires_grad and not chosen_rewards.requires_grad and not rejected_rewards.requires_grad
+
+
+@settings(max_examples=50, deadline=None)
+@given(LOGP, LOGP, st.floats(0.01, 2.0), st.floats(0.0, 0.49))
+def test_log2_when_policy_equals_reference(chosen, rejected, beta, eps):
+    c, r = torch.tensor([chosen], dtype=torch.float64), torch.tensor([rejected], dtype=torch.float64)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(c, r, c.clone(), r.clone(), beta, "sigmoid", eps)
+    assert_close(losses, torch.tensor([math.log(2.0)], dtype=torch.float64))
+    assert chosen_rewards.item() == 0.0 and rejected_rewards.item() == 0.0
+
+
+@settings(max_examples=50, deadline=None)
+@given(LOGP, LOGP, LOGP, LOGP, st.floats(0.01, 1.0))
+def test_gradient_raises_chosen_and_lowers_rejected(pc, pr, rc, rr, beta):
+    for loss_type in DPO_LOSS_TYPES:
+        c = torch.tensor([pc], dtype=torch.float64, requires_grad=True)
+        r = torch.tensor([pr], dtype=torch.float64, requires_grad=True)
+        losses, _, _ = dpo_loss(c, r, torch.tensor([rc]), torch.tensor([rr]), beta, loss_type)
+        losses.sum().backward()
+        h = (pc - rc) - (pr - rr)
+        active = {"sigmoid": True, "ipo": h < 1 / (2 * beta) - 1e-9, "hinge": beta * h < 1 - 1e-9}[loss_type]
+        if active:  # ipo and hinge are flat / reversed once the margin target is met
+            assert c.grad.item() < 0 < r.grad.item(), loss_type
+            assert c.grad.item() == -r.grad.item()
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.sampled_from([-1e4, -1.0, 0.0]), st.sampled_from([-1e4, -1.0, 0.0]), st.sampled_from([0.01, 0.1, 1.0])
+)
+def test_finite_at_extreme_logps(chosen, rejected, beta):
+    for loss_type in DPO_LOSS_TYPES:
+        c = torch.tensor([chosen, 0.0], requires_grad=True)
+        r = torch.tensor([rejected, -1e4], requires_grad=True)
+        ref_c, ref_r = torch.tensor([0.0, -1e4]), torch.tensor([-1e4, 0.0])
+        losses, cr, rr = dpo_loss(c, r, ref_c, ref_r, beta, loss_type)
+        losses.sum().backward()
+        for t in (losses, cr, rr, c.grad, r.grad):
+            assert torch.isfinite(t).all(), loss_type
+
+
+def test_gradcheck_each_variant():
+    pc, pr, rc, rr = (t.requires_grad_(True) for t in _random_logps(2, b=5))
+    for loss_type, eps in [("sigmoid", 0.0), ("sigmoid", 0.25), ("ipo", 0.0), ("hinge", 0.0)]:
+
+        def fn(a, b, c, d, loss_type=loss_type, eps=eps):
+            return dpo_loss(a, b, c, d, 0.1, loss_type, eps)[0]
+
+        assert torch.autograd.gradcheck(fn, (pc, pr, rc, rr)), loss_type
+
+
+# --- Agreement with TRL 1.16 -------------------------------------------------------------
+# TRL computes the DPO loss inside DPOTrainer._compute_loss(model, inputs, return_outputs),
+# right after a (fused) model forward. We call that method unbound, with a SimpleNamespace
+# `self` carrying the attributes it reads, a stand-in model whose output holds the per-token
+# log-probs we choose, and precomputed reference log-probs, so TRL's own loss code runs.
+
+
+def _trl_dpo_loss(pc, pr, rc, rr, beta, loss_types, label_smoothing=0.0, chosen_len=None, rejected_len=None):
+    """TRL's mean DPO loss (and its logged mean chosen reward) for given sequence log-probs."""
+    trl_dpo = pytest.importorskip(
+        "trl.trainer.dpo_trainer", reason="trl is in the dev extra; install it to compare with TRL's DPO loss"
+    )
+    b = pc.numel()
+    lengths = torch.cat(
+        [
+            chosen_len if chosen_len is not None else torch.ones(b),
+            rejected_len if rejected_len is not None else torch.ones(b),
+        ]
+    )
+    t = int(lengths.max()) + 1
+    completion_mask = (torch.arange(t) < lengths.unsqueeze(1)).long()  # TRL's IPO divides by these sums
+    log_probs = torch.zeros(2 * b, t - 1, dtype=pc.dtype)
+    log_probs[:, 0] = torch.cat([pc, pr])  # TRL sums them over the sequence: the sum is our value
+    outputs = SimpleNamespace(
+        log_probs=log_probs,
+        entropy=torch.zeros_like(log_probs),
+        mean_logits=torch.zeros_like(log_probs),
+        is_top1=torch.zeros_like(log_probs, dtype=torch.bool),
+    )
+    identity = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
+    fake_self = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=identity, aux_loss_enabled=False, ld_alpha=None,
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=list(loss_types),
+        loss_weights=[1.0] * len(loss_types), beta=beta, label_smoothing=label_smoothing, use_weighting=False,
+        _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1, args=SimpleNamespace(),
+    )  # fmt: skip
+    inputs = {
+        "input_ids": torch.zeros(2 * b, t, dtype=torch.long),
+        "attention_mask": torch.ones(2 * b, t, dtype=torch.long),
+        "completion_mask": completion_mask,
+        "ref_chosen_logps": rc,
+        "ref_rejected_logps": rr,
+    }
+    loss = trl_dpo.DPOTrainer._compute_loss(fake_self, lambda **kwargs: outputs, inputs, return_outputs=False)
+    return loss, fake_self._metrics["train"]["rewards/chosen"][-1]
+
+
+def test_matches_trl_sigmoid_and_hinge():
+    pc, pr, rc, rr = _random_logps(3)
+    for loss_type, beta in [("sigmoid", 0.1), ("sigmoid", 0.7), ("hinge", 0.1), ("hinge", 0.02)]:
+        ours, chosen_rewards, _ = dpo_loss(pc, pr, rc, rr, beta, loss_type)
+        trl_loss, trl_chosen_reward = _trl_dpo_loss(pc, pr, rc, rr, beta, [loss_type])
+        assert_close(ours.mean(), trl_loss)
+        assert_close(chosen_rewards.mean().item(), trl_chosen_reward)
+
+
+def test_matches_trl_with_label_smoothing():
+    """TRL 1.16's 'sigmoid' ignores label_smoothing (older TRL applied it there). Its 'aot_unpaired'
+    loss is -(1-eps) log sigmoid(beta d) - eps log sigmoid(-beta d) with d the difference of the
+    *sorted* chosen and sorted rejected log-ratios; we sort both beforehand, so d = h pair by pair.
+    ('robust' is a different, unbiased variant divided by 1 - 2 eps.)
+    """
+    pc, pr, rc, rr = _random_logps(4)
+    order_c, order_r = torch.argsort(pc - rc), torch.argsort(pr - rr)
+    pc, rc, pr, rr = pc[order_c], rc[order_c], pr[order_r], rr[order_r]
+    ours, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.2, label_smoothing=0.15)
+    assert_close(ours.mean(), _trl_dpo_loss(pc, pr, rc, rr, 0.2, ["aot_unpaired"], 0.15)[0])
+    unsmoothed, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.2)
+    assert_close(unsmoothed.mean(), _trl_dpo_loss(pc, pr, rc, rr, 0.2, ["sigmoid"], 0.15)[0])
+
+
+def test_matches_trl_ipo_up_to_length_normalisation():
+    """TRL's IPO divides each sequence's log-ratio by its completion length before squaring; our
+    ipo uses h as given. Passing per-token-averaged log-probs to ours reproduces TRL's; with
+    one-token completions the two coincide.
+    """
+    pc, pr, rc, rr = _random_logps(5)
+    gen = torch.Generator().manual_seed(6)
+    chosen_len = torch.randint(1, 9, (8,), generator=gen).double()
+    rejected_len = torch.randint(1, 9, (8,), generator=gen).double()
+    for beta in (0.1, 0.5):
+        ours, _, _ = dpo_loss(
+            pc / chosen_len, pr / rejected_len, rc / chosen_len, rr / rejected_len, beta, "ipo"
+        )
+        trl_loss, _ = _trl_dpo_loss(
+            pc, pr, rc, rr, beta, ["ipo"], chosen_len=chosen_len, rejected_len=rejected_len
+        )
+        assert_close(ours.mean(), trl_loss)
+        assert_close(
+            dpo_loss(pc, pr, rc, rr, beta, "ipo")[0].mean(), _trl_dpo_loss(pc, pr, rc, rr, beta, ["ipo"])[0]
+        )
