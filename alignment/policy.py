@@ -29,6 +29,7 @@ from alignment.models import family_of, load_model, load_processor
 PRESETS = ("language", "cross_attention", "vision", "multimodal", "all")
 PIXEL_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
 ADAPTER_FILE = "adapter_model.safetensors"
+REFERENCE = "reference"
 HEAD_FILE = "head.safetensors"
 
 
@@ -171,12 +172,24 @@ class MultimodalPolicy(nn.Module):
 
     @contextmanager
     def reference(self):
-        """Every adapter off: the frozen base is the reference model."""
-        if not hasattr(self.model, "disable_adapter"):
+        """The reference model: the frozen `reference` adapter when one exists (a copy of the
+        adapter a stage started from, e.g. SFT's for DPO), else every adapter off (the base)."""
+        if REFERENCE in self.adapters:
+            with self.use_adapter(REFERENCE):
+                yield self
+        elif hasattr(self.model, "disable_adapter"):
+            with self.model.disable_adapter():
+                yield self
+        else:
             yield self
-            return
-        with self.model.disable_adapter():
-            yield self
+
+    def freeze_reference(self, source: str) -> None:
+        """Make a frozen `reference` adapter holding a copy of adapter `source`."""
+        if REFERENCE not in self.adapters:
+            config = self.model.peft_config[source]
+            self.model.add_adapter(REFERENCE, config)
+            self.set_adapter(source)
+        self.copy_adapter(source, REFERENCE)
 
     @property
     def vision_is_adapted(self) -> bool:

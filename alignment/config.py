@@ -1,0 +1,188 @@
+"""Typed recipe configuration: one dataclass per section, a doc line per field, checks in
+`__post_init__`. `alignment.recipe` builds these from YAML and rejects unknown keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "4bit", "8bit")
+SCHEDULES = ("cosine", "linear", "constant")
+ON_ERROR = ("error", "skip")
+
+
+class ConfigError(ValueError):
+    """A recipe value is invalid; the message names the key and what is allowed."""
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _positive(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(value is None or value > 0, name, f"must be > 0, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """The base model every stage shares."""
+
+    name: str = "tiny-mllama"  # built-in tiny name, local folder, or hub id
+    quantization: str = "4bit"  # none | 4bit (NF4, double quant) | 8bit (not Mllama)
+    dtype: str = "auto"  # compute dtype: auto = bfloat16 on GPU, float32 on CPU
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    trust_remote_code: bool = False  # never run a checkpoint's own code unless set
+
+    def __post_init__(self):
+        _check(self.quantization in QUANTIZATIONS, "model.quantization", f"must be one of {QUANTIZATIONS}")
+        _check(self.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA settings of the trained adapters."""
+
+    r: int = 16  # rank
+    alpha: int = 32  # scaling numerator (scale = alpha / r)
+    dropout: float = 0.0  # dropout on the LoRA input
+    preset: str = "language"  # language | cross_attention | vision | multimodal | all
+
+    def __post_init__(self):
+        from alignment.policy import PRESETS
+
+        _positive(self, "r", "alpha")
+        _check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
+        _check(self.preset in PRESETS, "lora.preset", f"must be one of {PRESETS}")
+
+
+@dataclass
+class DataConfig:
+    """Where examples come from and how they are checked."""
+
+    source: str = "synthetic_bookcover"  # synthetic_bookcover, a local file/folder, or a hub dataset
+    path: str | None = None  # alias for source when it is a local path
+    format: str | None = None  # ocrvqa | messages | preference | rlaifv; detected when unset
+    num_covers: int = 700  # synthetic covers to generate
+    seed: int = 0  # data generation and pairing seed
+    eval_fraction: float = 0.15  # held-out covers when the source has no eval split
+    max_train_examples: int | None = None  # cap on training examples (None: all)
+    max_eval_examples: int | None = 200  # cap on held-out examples
+    instruction: str | None = None  # prompt instruction; None = seed 000's
+    max_length: int = 256  # prompt + answer tokens; longer rows are errors or skips
+    on_error: str = "error"  # error | skip: what a bad row does
+    sft_verbose_fraction: float = 0.15  # share of SFT answers that explain (as raw data does)
+    verbose_fraction: float = 0.5  # share of rejected answers that are verbose (rest: wrong)
+
+    def __post_init__(self):
+        if self.path is not None:
+            self.source = self.path
+        _positive(self, "num_covers", "max_length", "max_train_examples", "max_eval_examples")
+        _check(0 <= self.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
+        _check(self.on_error in ON_ERROR, "data.on_error", f"must be one of {ON_ERROR}")
+        for name in ("sft_verbose_fraction", "verbose_fraction"):
+            _check(0 <= getattr(self, name) <= 1, f"data.{name}", "must be in [0, 1]")
+
+
+@dataclass
+class StageConfig:
+    """Settings every stage shares: the loop, the optimizer, checkpoints, evaluation."""
+
+    name: str = ""  # folder name of the stage's outputs; defaults to its type
+    type: str = ""  # sft | dpo | reward | ppo
+    max_steps: int = 100  # optimizer steps
+    batch_size: int = 16  # examples (pairs for dpo/reward) per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    lr_schedule: str = "cosine"  # cosine | linear | constant, after warmup
+    warmup_steps: int = 0  # linear warmup steps
+    min_lr_ratio: float = 0.1  # final lr as a fraction of the peak (cosine, linear)
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float | None = 1.0  # gradient clipping; None disables it
+    log_every: int = 5  # steps between logged scalars
+    save_every: int = 50  # steps between checkpoints
+    keep_checkpoints: int = 2  # newest complete checkpoints kept
+    max_nonfinite_steps: int = 3  # consecutive non-finite steps before the run stops
+    eval_examples: int = 200  # held-out examples evaluated after training
+    eval_batch_size: int = 32  # examples per evaluation batch
+    max_new_tokens: int = 24  # generation budget in evaluation
+    init_adapter: str | None = None  # adapter folder to start from (default: the previous stage's)
+
+    def __post_init__(self):
+        if not self.name:
+            self.name = self.type
+        _positive(self, "max_steps", "batch_size", "grad_accum", "lr", "log_every", "save_every",
+                  "keep_checkpoints", "max_nonfinite_steps", "eval_batch_size", "max_new_tokens")
+        _check(self.lr_schedule in SCHEDULES, f"stages.{self.name}.lr_schedule", f"must be one of {SCHEDULES}")
+        _check(self.warmup_steps >= 0, f"stages.{self.name}.warmup_steps", "must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, f"stages.{self.name}.min_lr_ratio", "must be in [0, 1]")
+        _check(self.eval_examples >= 0, f"stages.{self.name}.eval_examples", "must be >= 0")
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    """Supervised fine-tuning on completions (seed 000)."""
+
+    type: str = "sft"
+    lora: LoraConfig = field(default_factory=LoraConfig)  # the `policy` adapter
+    blind_control: bool = True  # also evaluate with every image blanked
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    """Direct preference optimisation against a frozen reference."""
+
+    type: str = "dpo"
+    lr: float = 5e-4
+    beta: float = 0.1  # strength of the implicit KL to the reference
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
+    label_smoothing: float = 0.0  # conservative DPO's epsilon (sigmoid only)
+    precompute_ref_logprobs: bool = False  # one reference pass before training
+    lora: LoraConfig = field(default_factory=LoraConfig)  # used when no adapter is inherited
+
+    def __post_init__(self):
+        from alignment.losses import DPO_LOSS_TYPES
+
+        super().__post_init__()
+        _positive(self, "beta")
+        _check(self.loss_type in DPO_LOSS_TYPES, f"stages.{self.name}.loss_type", f"must be one of {sorted(DPO_LOSS_TYPES)}")
+        _check(0 <= self.label_smoothing < 0.5, f"stages.{self.name}.label_smoothing", "must be in [0, 0.5)")
+
+
+STAGE_CONFIGS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "dpo": DPOConfig}
+
+
+@dataclass
+class RecipeConfig:
+    """A whole run: model, data and the stages chained in order."""
+
+    name: str = "recipe"  # shown in report.json and the model card
+    output_dir: str = "outputs/run"  # where adapters, checkpoints, logs and report.json go
+    seed: int = 0  # training seed (per-rank seeds derive from it)
+    resume: bool = False  # continue from the newest complete checkpoint
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+
+    def __post_init__(self):
+        _check(len(self.stages) > 0, "stages", "a recipe needs at least one stage")
+        names = [s.name for s in self.stages]
+        _check(len(set(names)) == len(names), "stages", f"stage names must be unique, got {names}")
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Field name -> its doc line (the comment after it in the source)."""
+    import inspect
+    import re
+
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for match in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, re.M):
+            docs[match.group(1)] = match.group(2).strip()
+    return {f.name: docs.get(f.name, "") for f in fields(cls)}

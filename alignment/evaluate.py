@@ -1,0 +1,52 @@
+"""Metrics: exact match, answer length, preference accuracy; greedy answering of held-out prompts."""
+
+from __future__ import annotations
+
+import re
+import string
+
+import torch
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation and articles, collapse spaces (SQuAD-style)."""
+    text = _PUNCT.sub(" ", text.lower())
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    if not references:
+        return 0.0
+    return sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)) / len(references)
+
+
+def mean_words(texts: list[str]) -> float:
+    return sum(len(t.split()) for t in texts) / max(1, len(texts))
+
+
+def answer_metrics(predictions: list[str], references: list[str], kinds: list[str] | None = None,
+                   prefix: str = "") -> dict[str, float]:
+    """`exact_match`, `mean_answer_words`, and exact match per question kind."""
+    metrics = {f"{prefix}exact_match": exact_match(predictions, references),
+               f"{prefix}mean_answer_words": mean_words(predictions)}
+    for kind in sorted(set(kinds or [])):
+        rows = [i for i, k in enumerate(kinds) if k == kind]
+        metrics[f"{prefix}exact_match/{kind}"] = exact_match([predictions[i] for i in rows], [references[i] for i in rows])
+    return metrics
+
+
+@torch.no_grad()
+def generate_answers(policy, examples: list[dict], collate_prompts, batch_size: int = 32,
+                     max_new_tokens: int = 24) -> tuple[list[str], list[str], list[str]]:
+    """Greedy answers for `examples` -> (predictions, reference answers, question kinds)."""
+    predictions, references, kinds = [], [], []
+    for start in range(0, len(examples), batch_size):
+        batch = collate_prompts(examples[start : start + batch_size])
+        batch = {k: v.to(policy.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        tokens = policy.generate(batch, max_new_tokens=max_new_tokens, temperature=0.0)
+        predictions += policy.decode(tokens)
+        references += batch["answers"]
+        kinds += batch["kinds"]
+    return predictions, references, kinds

@@ -1,0 +1,308 @@
+"""Recipes: YAML -> typed `RecipeConfig` (unknown keys rejected) -> stages chained in order.
+
+    recipe = load_recipe("recipes/dpo_bookcover.yaml", ["output_dir=/tmp/x", "stages.1.beta=0.2"])
+    report = run_recipe(recipe)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from pathlib import Path
+
+import yaml
+
+from alignment.config import (
+    STAGE_CONFIGS,
+    ConfigError,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    RecipeConfig,
+    StageConfig,
+)
+
+# Renamed keys keep working for a while: old -> new (a FutureWarning names the replacement).
+RENAMED_KEYS: dict[str, str] = {"gradient_accumulation_steps": "grad_accum", "learning_rate": "lr"}
+
+
+# ----------------------------------------------------------------------------- parsing
+def _build(cls, raw, where: str):
+    """Dataclass `cls` from a mapping, checking keys and value types; `where` names the location."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    import warnings
+
+    raw = dict(raw)
+    for old, new in RENAMED_KEYS.items():
+        if old in raw:
+            warnings.warn(f"{where}.{old} is renamed {new}; the old key will stop working", FutureWarning, stacklevel=2)
+            raw.setdefault(new, raw.pop(old))
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        values[key] = _coerce(hints[key], value, f"{where}.{key}")
+    try:
+        return cls(**values)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def _coerce(hint, value, where: str):
+    """Check (and gently convert) `value` against a type hint; nested dataclasses are built."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{where}.{i}") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads 1e-3 as a string
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _stage(raw, index: int) -> StageConfig:
+    where = f"stages.{index}"
+    if not isinstance(raw, dict) or "type" not in raw:
+        raise ConfigError(f"{where}: each stage needs a `type` ({' | '.join(STAGE_CONFIGS)})")
+    kind = raw["type"]
+    if kind not in STAGE_CONFIGS:
+        raise ConfigError(f"{where}.type: unknown stage type {kind!r}; valid: {sorted(STAGE_CONFIGS)}")
+    return _build(STAGE_CONFIGS[kind], raw, where)
+
+
+def recipe_from_dict(raw: dict, source: str = "<recipe>") -> RecipeConfig:
+    try:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"expected a mapping at the top level, got {type(raw).__name__}")
+        raw = dict(raw)
+        stages = raw.pop("stages", None)
+        if not isinstance(stages, list) or not stages:
+            raise ConfigError("stages: a recipe needs a non-empty list of stages")
+        built = [_stage(s, i) for i, s in enumerate(stages)]
+        names = {f.name for f in dataclasses.fields(RecipeConfig)} - {"stages"}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown}; valid keys: {sorted(names | {'stages'})}")
+        hints = typing.get_type_hints(RecipeConfig)
+        values = {k: _coerce(hints[k], v, k) for k, v in raw.items()}
+        recipe = RecipeConfig(**values, stages=built)
+        _check_stage_order(recipe)
+        return recipe
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def _check_stage_order(recipe: RecipeConfig) -> None:
+    types = [s.type for s in recipe.stages]
+    for i, kind in enumerate(types):
+        if kind == "ppo" and "reward" not in types[:i] and not getattr(recipe.stages[i], "reward_adapter", None):
+            raise ConfigError(f"stages.{i}: a ppo stage needs a reward stage before it (or reward_adapter)")
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """`a.b.0.c=value` (value parsed as YAML) into the nested mapping `raw`."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not key=value")
+    key, text = override.split("=", 1)
+    value = yaml.safe_load(text) if text else ""
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = node[int(part)] if isinstance(node, list) and part.isdigit() and int(part) < len(node) else (
+            node.setdefault(part, {}) if isinstance(node, dict) else None)
+        if nxt is None:
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} does not exist")
+        node = nxt
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override {override!r}: index {last} out of range")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> RecipeConfig:
+    """Read a YAML recipe (safe_load only), apply `key=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    raw = raw or {}
+    for override in overrides or []:
+        apply_override(raw, override)
+    return recipe_from_dict(raw, str(path))
+
+
+def recipe_to_dict(recipe: RecipeConfig) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+# ----------------------------------------------------------------------------- running
+def make_accelerator(recipe: RecipeConfig):
+    """An Accelerator: bf16 autocast on GPU, fp32 on CPU; CPU runs with several processes form a
+    gloo group (ACCELERATE_USE_CPU is set when no CUDA is present)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "1")
+    from accelerate import Accelerator
+
+    precision = "no"
+    if torch.cuda.is_available() and recipe.model.dtype in ("auto", "bfloat16"):
+        precision = "bf16"
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+
+
+def model_dtype(recipe: RecipeConfig):
+    import torch
+
+    if recipe.model.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, recipe.model.dtype)
+
+
+def build_data(recipe: RecipeConfig, stage: StageConfig, processor):
+    """(train, eval, validation report) for one stage: QA examples for sft, pairs for dpo/reward/ppo."""
+    from alignment.data import build_datasets
+    from alignment.data.catalog import DEFAULT_INSTRUCTION
+
+    data = recipe.data
+    task = "sft" if stage.type in ("sft", "ppo") else "preference"
+    return build_datasets(
+        data.source, format=data.format, task=task, eval_fraction=data.eval_fraction,
+        num_covers=data.num_covers, seed=data.seed, max_train_samples=data.max_train_examples,
+        max_eval_samples=data.max_eval_examples, verbose_fraction=data.verbose_fraction,
+        sft_verbose_fraction=data.sft_verbose_fraction, instruction=data.instruction or DEFAULT_INSTRUCTION,
+        validation=data.on_error, tokenizer=processor.tokenizer, max_length=data.max_length,
+    )
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def run_recipe(recipe: RecipeConfig, dry_run: bool = False, accelerator=None) -> dict:
+    """Run every stage in order (each starting from the previous stage's adapter); returns the report."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from alignment.data.catalog import DEFAULT_INSTRUCTION
+    from alignment.policy import MultimodalPolicy
+    from alignment.stages import STAGES, RunContext
+    from alignment.stages.base import config_fingerprint
+
+    accelerator = accelerator or make_accelerator(recipe)
+    out = Path(recipe.output_dir)
+    if accelerator.is_main_process:
+        _check_writable(out)
+    torch.manual_seed(recipe.seed)
+    policy = MultimodalPolicy.from_pretrained(
+        recipe.model.name, quantization=recipe.model.quantization, dtype=model_dtype(recipe),
+        gradient_checkpointing=recipe.model.gradient_checkpointing,
+        trust_remote_code=recipe.model.trust_remote_code,
+    )
+    if recipe.model.quantization == "none":
+        policy.to(accelerator.device)
+    instruction = recipe.data.instruction or DEFAULT_INSTRUCTION
+    datasets = {}
+    for stage in recipe.stages:
+        datasets[stage.name] = build_data(recipe, stage, policy.processor)
+        train, evaluation, report = datasets[stage.name]
+        if accelerator.is_main_process:
+            tqdm.write(f"[{stage.name}] data: {len(train)} train, {len(evaluation)} eval; {report.summary()}")
+    if dry_run:
+        return {"recipe": recipe.name, "dry_run": True,
+                "stages": [{"name": s.name, "train": len(datasets[s.name][0]), "eval": len(datasets[s.name][1])}
+                           for s in recipe.stages]}
+
+    report_path = out / "report.json"
+    report = {"recipe": recipe.name, "model": recipe.model.name, "stages": []}
+    if recipe.resume and report_path.exists():
+        report = json.loads(report_path.read_text())
+    done = {entry["name"]: entry for entry in report["stages"]}
+    previous_adapter = None
+    for stage_config in recipe.stages:
+        stage_dir = out / stage_config.name
+        if stage_config.name in done and (stage_dir / "adapter_model.safetensors").exists():
+            previous_adapter = stage_dir  # finished before the resume: its adapter feeds the next stage
+            continue
+        train, evaluation, _ = datasets[stage_config.name]
+        ctx = RunContext(
+            accelerator=accelerator, output_dir=out, seed=recipe.seed, resume=recipe.resume,
+            recipe_name=recipe.name, data_config=recipe.data,
+            fingerprint={**config_fingerprint(stage_config), "model": recipe.model.name,
+                         "world_size": accelerator.num_processes, "data": dataclasses.asdict(recipe.data)},
+            collate_kwargs={"instruction": instruction, "max_length": recipe.data.max_length},
+            prompt_kwargs={"instruction": instruction},
+        )
+        stage = STAGES[stage_config.type](stage_config, policy, ctx, train, evaluation)
+        entry = stage.run(previous_adapter)
+        previous_adapter = stage_dir
+        report["stages"] = [s for s in report["stages"] if s["name"] != entry["name"]] + [entry]
+        if accelerator.is_main_process:
+            _write_json_atomic(report_path, report)
+            _write_artifacts(out, recipe, report)
+    return report
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"output_dir {out} is not writable ({error.strerror}); choose another output_dir=") from None
+
+
+def _write_artifacts(out: Path, recipe: RecipeConfig, report: dict) -> None:
+    """Training curves (PNG) and a short model card next to report.json."""
+    from alignment.report import write_curves, write_model_card
+
+    write_curves(out / "training_curves.png", report)
+    write_model_card(out / "README.md", recipe, report)
+
+
+def describe(recipe: RecipeConfig) -> str:
+    lines = [f"recipe {recipe.name}: model {recipe.model.name} ({recipe.model.quantization}), "
+             f"data {recipe.data.source}, output {recipe.output_dir}"]
+    for s in recipe.stages:
+        lines.append(f"  - {s.name} ({s.type}): {s.max_steps} steps x {s.batch_size} x {s.grad_accum}, lr {s.lr}")
+    return "\n".join(lines)
+
+
+__all__ = ["ConfigError", "DataConfig", "LoraConfig", "ModelConfig", "RecipeConfig", "apply_override",
+           "describe", "load_recipe", "recipe_from_dict", "run_recipe"]

@@ -1,0 +1,305 @@
+"""`Stage`: the one training loop every stage shares.
+
+A stage says how to set up its adapters, collate a micro-batch, count what its loss averages over,
+compute one micro-batch's summed loss (`train_step`) and evaluate. The loop here does the rest:
+gradient accumulation with losses averaged by count over all micro-batches and processes (exact
+under accumulation and across ranks), the learning-rate schedule, gradient clipping, a non-finite
+guard, a progress bar, TensorBoard scalars, atomic checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from alignment.config import StageConfig
+from alignment.stages import checkpoint as ckpt
+from alignment.stages.schedule import lr_at
+from alignment.stages.stream import ExampleStream
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class Interrupted(SystemExit):
+    """SIGTERM arrived; a complete checkpoint was written first."""
+
+
+@dataclass
+class RunContext:
+    """What every stage of one run shares."""
+
+    accelerator: object
+    output_dir: Path
+    seed: int = 0
+    resume: bool = False
+    recipe_name: str = "recipe"
+    data_config: object = None
+    fingerprint: dict = field(default_factory=dict)  # settings a checkpoint must match to be resumed
+    collate_kwargs: dict = field(default_factory=dict)  # instruction, max_length for training collators
+    prompt_kwargs: dict = field(default_factory=dict)  # instruction for generation prompts
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+class Stage:
+    """Subclasses set `type` and `adapter_name` and implement the hooks below."""
+
+    type = ""
+    adapter_name = "policy"
+
+    def __init__(self, config: StageConfig, policy, ctx: RunContext, train_examples: list, eval_examples: list):
+        self.config = config
+        self.policy = policy
+        self.ctx = ctx
+        self.train_examples = train_examples
+        self.eval_examples = eval_examples
+        self.dir = ctx.output_dir / config.name
+        self.history: list[dict] = []
+        self.nonfinite_steps = 0
+        self._sigterm = False
+
+    # ---- hooks -----------------------------------------------------------------
+    def setup(self, previous_adapter: Path | None) -> None:
+        """Create or load the adapters this stage trains (the previous stage's adapter, if any)."""
+        raise NotImplementedError
+
+    def collate(self, examples: list) -> dict:
+        raise NotImplementedError
+
+    def count(self, batch: dict) -> int:
+        """What the loss averages over in this micro-batch (tokens, pairs...)."""
+        raise NotImplementedError
+
+    def train_step(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """Summed loss of one micro-batch (a scalar with grad) and metrics to log (floats)."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        raise NotImplementedError
+
+    def before_training(self) -> None:
+        """Optional work after setup and resume, before the first step (e.g. reference passes)."""
+
+    # ---- the loop --------------------------------------------------------------
+    def run(self, previous_adapter: Path | None = None) -> dict:
+        """Set up, train (resuming if asked), save the adapter, evaluate; returns the report entry."""
+        start = time.time()
+        self.setup(previous_adapter)
+        steps = self.train()
+        if self.ctx.is_main:
+            self.policy.save_adapter(self.adapter_name, self.dir)
+        self.ctx.accelerator.wait_for_everyone()
+        self.policy.eval()
+        with torch.no_grad():
+            metrics = self.evaluate()
+        losses = [h["loss"] for h in self.history if "loss" in h]
+        train = {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+                 "skipped_nonfinite_steps": sum(h.get("skipped", 0) for h in self.history)}
+        last = self.history[-1] if self.history else {}
+        train.update({k: v for k, v in last.items() if k not in ("step", "loss", "skipped")})
+        return {"name": self.config.name, "type": self.type, "steps": steps,
+                "seconds": round(time.time() - start, 1), "train": train, "eval": metrics,
+                "history": self.history}
+
+    def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    def train(self) -> int:
+        cfg, ctx = self.config, self.ctx
+        torch.manual_seed(ctx.seed * 1000 + ctx.rank)
+        params = self.policy.trainable_parameters()
+        if not params:
+            raise RuntimeError(f"stage {cfg.name!r} has no trainable parameters")
+        optimizer = self._optimizer(params)
+        stream = ExampleStream(self.train_examples, cfg.batch_size, ctx.seed, ctx.rank, ctx.world_size)
+        step = self._resume(optimizer, stream) if ctx.resume else 0
+        self.before_training()
+        writer = _writer(ctx.output_dir / "runs" / cfg.name) if ctx.is_main else None
+        bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.name, disable=not ctx.is_main, dynamic_ncols=True)
+        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        self.policy.train()
+        try:
+            while step < cfg.max_steps:
+                tick = time.time()
+                record = self._optimizer_step(optimizer, params, stream, step)
+                step += 1
+                record["samples_per_s"] = cfg.batch_size * cfg.grad_accum * ctx.world_size / (time.time() - tick)
+                self.history.append({"step": step, **record})
+                bar.update(1)
+                if "loss" in record:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+                if writer is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                    for key, value in record.items():
+                        writer.add_scalar(f"{cfg.name}/{key}", value, step)
+                    writer.flush()
+                if step % cfg.save_every == 0 or step == cfg.max_steps or self._sigterm:
+                    self._save(step, optimizer, stream)
+                if self._sigterm:
+                    raise Interrupted(143)
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+        return step
+
+    def _optimizer_step(self, optimizer, params, stream: ExampleStream, step: int) -> dict:
+        cfg, ctx = self.config, self.ctx
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio)
+        batches = [self.collate(stream.next_batch()) for _ in range(cfg.grad_accum)]
+        total = _all_sum(torch.tensor(float(sum(self.count(b) for b in batches))), ctx)
+        loss_total, sums = torch.zeros(()), {}
+        for batch in batches:
+            with ctx.accelerator.autocast():
+                loss_sum, metrics = self.train_step(batch)
+            (loss_sum / total.clamp(min=1)).backward()
+            loss_total += loss_sum.detach().float().cpu()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
+        _all_reduce_grads(params, ctx)
+        grad_norm = _grad_norm(params, cfg.max_grad_norm)
+        loss = (_all_sum(loss_total, ctx) / total.clamp(min=1)).item()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_steps += 1
+            tqdm.write(f"[{cfg.name}] step {step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+                       f"step skipped ({self.nonfinite_steps} in a row)")
+            if self.nonfinite_steps >= cfg.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"stage {cfg.name!r}: {self.nonfinite_steps} consecutive non-finite steps at step {step + 1}; "
+                    f"the last good checkpoint is kept in {self.dir / 'checkpoints'} (lower lr or check the data)"
+                )
+            return {"skipped": 1, "lr": optimizer.param_groups[0]["lr"]}
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_steps = 0
+        return {"loss": loss, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"], **sums}
+
+    # ---- checkpoints -----------------------------------------------------------
+    def _trained_adapters(self) -> list[str]:
+        return sorted(self.policy.trainable_adapters)
+
+    def _save(self, step: int, optimizer, stream: ExampleStream) -> None:
+        ctx, root = self.ctx, self.dir / "checkpoints"
+        staged = ckpt.staging_dir(root, step)
+        if ctx.is_main:
+            if staged.exists():
+                import shutil
+
+                shutil.rmtree(staged)
+            staged.mkdir(parents=True)
+            for name in self._trained_adapters():
+                self.policy.save_adapter(name, staged / "adapters" / name)
+            torch.save(optimizer.state_dict(), staged / "optimizer.pt")
+            state = {"step": step, "stream": stream.state_dict(), "fingerprint": ctx.fingerprint,
+                     "history": self.history, "nonfinite_steps": self.nonfinite_steps, "extra": self.extra_state()}
+            (staged / "state.json").write_text(json.dumps(state))
+        ctx.accelerator.wait_for_everyone()
+        torch.save(ckpt.rng_state(), staged / f"rng-rank{ctx.rank}.pt")
+        ctx.accelerator.wait_for_everyone()
+        if ctx.is_main:
+            ckpt.write_manifest(staged)
+            ckpt.publish(root, step, self.config.keep_checkpoints)
+        ctx.accelerator.wait_for_everyone()
+
+    def extra_state(self) -> dict:
+        """JSON-able stage state a checkpoint keeps (e.g. an adaptive KL coefficient)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def _resume(self, optimizer, stream: ExampleStream) -> int:
+        folder = ckpt.latest_checkpoint(self.dir / "checkpoints")
+        if folder is None:
+            return 0
+        state = json.loads((folder / "state.json").read_text())
+        if state["fingerprint"] != self.ctx.fingerprint:
+            changed = sorted(k for k in set(state["fingerprint"]) | set(self.ctx.fingerprint)
+                             if state["fingerprint"].get(k) != self.ctx.fingerprint.get(k))
+            raise ckpt.CheckpointError(
+                f"{folder} was written by a different recipe (changed: {', '.join(changed)}); "
+                "resume with the same recipe or choose a new output_dir"
+            )
+        stream.load_state_dict(state["stream"])
+        for name in self._trained_adapters():
+            self.policy.load_adapter(name, folder / "adapters" / name)
+        optimizer.load_state_dict(ckpt.safe_load(folder / "optimizer.pt"))
+        ckpt.set_rng_state(ckpt.safe_load(folder / f"rng-rank{self.ctx.rank}.pt"))
+        self.history = state["history"]
+        self.nonfinite_steps = state["nonfinite_steps"]
+        self.load_extra_state(state["extra"])
+        if self.ctx.is_main:
+            tqdm.write(f"[{self.config.name}] resumed from {folder} at step {state['step']}")
+        return state["step"]
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._sigterm = True
+
+
+def config_fingerprint(config: StageConfig) -> dict:
+    return {k: v for k, v in asdict(config).items() if k not in ("eval_examples", "eval_batch_size", "log_every")}
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _writer(folder: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(folder))
+
+
+def _all_sum(value: torch.Tensor, ctx: RunContext) -> torch.Tensor:
+    if ctx.world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    value = value.to(ctx.accelerator.device).float().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value.cpu()
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter], ctx: RunContext) -> None:
+    """Sum gradients over processes: each rank's loss is already divided by the global count."""
+    if ctx.world_size == 1:
+        return
+    import torch.distributed as dist
+
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+
+
+def _grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if max_norm is None:
+        return torch.nn.utils.get_total_norm([p.grad for p in grads]).item()
+    return torch.nn.utils.clip_grad_norm_(grads, max_norm).item()
