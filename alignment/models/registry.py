@@ -43,14 +43,15 @@ def _build_tiny(name: str, folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
     try:
-        tokenizer = build_tokenizer()
-        family.build_processor(tokenizer).save_pretrained(staging)
         shipped = _SHIPPED / name
         if (shipped / "model.safetensors").exists():
-            # A tiny base pretrained once on cover captions (see bench/pretrain_tiny.py).
+            # A tiny base pretrained once on cover captions, with its tokenizer and processor
+            # (alignment/models/pretrain.py).
             for file in shipped.iterdir():
                 shutil.copy2(file, staging / file.name)
         else:
+            tokenizer = build_tokenizer()
+            family.build_processor(tokenizer).save_pretrained(staging)
             model_class = MllamaForConditionalGeneration if family is mllama else LlavaForConditionalGeneration
             torch.manual_seed(0)
             model = model_class(family.tiny_config(tokenizer))
@@ -65,10 +66,20 @@ def _build_tiny(name: str, folder: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _asset_key(name: str) -> str:
+    """Which build a tiny name means: the shipped pretrained weights' hash, or random init."""
+    import hashlib
+
+    weights = _SHIPPED / name / "model.safetensors"
+    if not weights.exists():
+        return "random"
+    return hashlib.sha1(weights.read_bytes()).hexdigest()[:12]
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """A tiny model's cached folder (built on first use), a local folder, or a hub id unchanged."""
     if name_or_path in TINY_MODELS:
-        folder = cache_root() / "models" / name_or_path
+        folder = cache_root() / "models" / f"{name_or_path}-{_asset_key(name_or_path)}"
         if not (folder / _COMPLETE).exists():
             _build_tiny(name_or_path, folder)
         return str(folder)

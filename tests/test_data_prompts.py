@@ -1,0 +1,58 @@
+"""Seed 000's prompt, token-exact."""
+
+from alignment.data import catalog, prompts
+from alignment.data.prompts import render_completion, render_prompt
+
+SEED_000 = (
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+    "<|image|> Answer question based on the image, do not explain {question}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+
+
+def test_prompt_matches_seed_000_literally():
+    question = "Who wrote this book?"
+    assert render_prompt(question) == SEED_000.format(question=question)
+    assert catalog.DEFAULT_INSTRUCTION == "Answer question based on the image, do not explain"
+
+
+def test_completion_ends_with_eot():
+    assert render_completion("Maria Lopez") == "Maria Lopez<|eot_id|>"
+
+
+def test_instruction_is_configurable():
+    prompt = render_prompt("Is this a Travel book?", instruction="Reply in one word.")
+    assert "<|image|> Reply in one word. Is this a Travel book?<|eot_id|>" in prompt
+    assert catalog.DEFAULT_INSTRUCTION not in prompt
+
+
+def test_empty_instruction_leaves_no_double_space():
+    assert "<|image|> Who wrote this book?<|eot_id|>" in render_prompt("Who wrote this book?", instruction="")
+
+
+def test_docstring_explains_the_backslash():
+    assert "backslash" in prompts.__doc__ and "\\n\\n" in prompts.__doc__
+
+
+def test_prompt_token_ids_are_the_special_tokens_and_text_pieces():
+    """ids(prompt) == [BOS, SH] + ids("user") + [EH] + ids("\\n\\n") + [IMG] + ids(" instr q") + [EOT, SH]
+    + ids("assistant") + [EH] + ids("\\n\\n"), with the locally built Llama-3-style tokenizer."""
+    from alignment.models import load_processor
+
+    tokenizer = load_processor("tiny-mllama").tokenizer
+    question = "What is the genre of this book?"
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def special(token):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        assert token_id != tokenizer.unk_token_id and token_id is not None
+        return [token_id]
+
+    bos, sh, eh, img, eot = (special(t) for t in prompts.SPECIAL_TOKENS)
+    expected = (bos + sh + ids("user") + eh + ids("\n\n") + img
+                + ids(f" {catalog.DEFAULT_INSTRUCTION} {question}") + eot
+                + sh + ids("assistant") + eh + ids("\n\n"))
+    assert ids(render_prompt(question)) == expected
+    assert ids(render_completion("Yes")) == ids("Yes") + eot
