@@ -42,6 +42,8 @@ def train_main(argv: list[str]) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     if report.get("dry_run"):
         print("dry run ok: " + json.dumps(report["stages"]))
     else:

@@ -73,7 +73,7 @@ class DataConfig:
     instruction: str | None = None  # prompt instruction; None = seed 000's
     max_length: int = 256  # prompt + answer tokens; longer rows are errors or skips
     on_error: str = "error"  # error | skip: what a bad row does
-    sft_verbose_fraction: float = 0.15  # share of SFT answers that explain (as raw data does)
+    sft_verbose_fraction: float = 0.1  # share of SFT answers that explain (by question phrasing, as raw data does)
     verbose_fraction: float = 0.5  # share of rejected answers that are verbose (rest: wrong)
 
     def __post_init__(self):
@@ -152,6 +152,74 @@ class DPOConfig(StageConfig):
 
 
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "dpo": DPOConfig}
+
+
+@dataclass
+class RewardConfig(StageConfig):
+    """A reward model: a scalar head on the last token, Bradley-Terry loss on preference pairs (seed 004)."""
+
+    type: str = "reward"
+    margin: float | None = None  # Bradley-Terry margin every pair must exceed (None: 0)
+    init_from_previous: bool = True  # start the `reward` adapter from the previous stage's (SFT's) LoRA weights
+    lora: LoraConfig = field(default_factory=LoraConfig)  # the `reward` adapter when it starts fresh
+
+
+CRITIC_INITS = ("reward", "fresh")
+
+
+@dataclass
+class PPOConfig(StageConfig):
+    """PPO with a critic and GAE against a KL-penalised reward (seed 004).
+
+    One optimizer step is one minibatch update; one iteration samples `batch_size * grad_accum *
+    num_minibatches` prompts per process and makes `ppo_epochs * num_minibatches` steps, so
+    `max_steps` must be a multiple of that and checkpoints land on iteration boundaries."""
+
+    type: str = "ppo"
+    lr: float = 1e-4
+    lr_schedule: str = "constant"
+    temperature: float = 1.0  # rollout sampling temperature
+    top_p: float = 1.0  # rollout nucleus sampling
+    ppo_epochs: int = 2  # passes over each rollout
+    num_minibatches: int = 2  # optimizer steps per pass over a rollout
+    clip_range: float = 0.2  # policy ratio clip
+    clip_range_value: float | None = 0.2  # value clip around the rollout's values (None: off)
+    vf_coef: float = 0.1  # weight of the value loss
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
+    kl_coef: float = 0.05  # initial coefficient of the per-token KL penalty
+    adaptive_kl: bool = False  # steer kl_coef toward kl_target (Ziegler et al.)
+    kl_target: float = 1.0  # nats per answer, with adaptive_kl
+    kl_horizon: float = 10000.0  # samples over which adaptive_kl corrects fully
+    whiten_advantages: bool = True  # normalise advantages over the rollout (all processes)
+    missing_eos_penalty: float | None = None  # subtracted from the score of answers cut off before <|eot_id|>
+    critic_init: str = "reward"  # reward | fresh: where the critic's adapter and head start
+    separate_models: bool = False  # load reference, critic and reward on their own bases (more memory)
+    reward_adapter: str | None = None  # reward model folder (default: the last reward stage's output)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # adapters that start fresh (policy, critic)
+
+    def __post_init__(self):
+        super().__post_init__()
+        where = f"stages.{self.name}"
+        _positive(self, "temperature", "ppo_epochs", "num_minibatches", "clip_range", "clip_range_value",
+                  "kl_target", "kl_horizon")
+        _check(0 < self.top_p <= 1, f"{where}.top_p", "must be in (0, 1]")
+        _check(self.vf_coef >= 0 and self.kl_coef >= 0, f"{where}.vf_coef/kl_coef", "must be >= 0")
+        _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"{where}.gamma/lam", "must be in [0, 1]")
+        _check(self.critic_init in CRITIC_INITS, f"{where}.critic_init", f"must be one of {CRITIC_INITS}")
+        per_iteration = self.steps_per_iteration
+        _check(self.max_steps % per_iteration == 0, f"{where}.max_steps",
+               f"must be a multiple of ppo_epochs x num_minibatches = {per_iteration} (one rollout's updates), "
+               f"got {self.max_steps}")
+        # Checkpoints only on iteration boundaries, where no rollout is half used.
+        self.save_every = -(-self.save_every // per_iteration) * per_iteration
+
+    @property
+    def steps_per_iteration(self) -> int:
+        return self.ppo_epochs * self.num_minibatches
+
+
+STAGE_CONFIGS.update({"reward": RewardConfig, "ppo": PPOConfig})
 
 
 @dataclass

@@ -83,7 +83,7 @@ def verbose_questions(examples: list[dict[str, Any]], sft_verbose_fraction: floa
     """The question phrasings whose answers explain in the raw SFT data.
 
     Distinct questions are taken most frequent first (ties in a seeded order) while adding one
-    brings their share of the examples closer to ``sft_verbose_fraction``.
+    brings their share of the examples closer to ``sft_verbose_fraction`` (others are skipped).
     """
     if not 0.0 <= sft_verbose_fraction <= 1.0:
         raise ValueError(f"sft_verbose_fraction must be in [0, 1], got {sft_verbose_fraction}")
@@ -96,7 +96,7 @@ def verbose_questions(examples: list[dict[str, Any]], sft_verbose_fraction: floa
     for question in order:
         candidate = share + counts[question] / max(1, len(examples))
         if abs(candidate - sft_verbose_fraction) >= abs(share - sft_verbose_fraction):
-            break
+            continue
         chosen.add(question)
         share = candidate
     return chosen

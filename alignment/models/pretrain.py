@@ -5,7 +5,8 @@
 A randomly initialised tiny model cannot be aligned with LoRA alone: its frozen final norm and LM
 head cap the logit scale (measured: LoRA-only SFT stalls at 2.8 nats/token on two examples, while
 full fine-tuning reaches 0.02). So the tiny base is trained in full, once, on captions of covers
-drawn with a seed no recipe uses ("Title: ... Author: ... Genre: ..." in shuffled field order),
+drawn with a seed no recipe uses ("Title: ... Author: ... Genre: ..." in shuffled field order)
+and plain questions about them phrased unlike the recipes' templates (see `captions`),
 and shipped under `alignment/models/assets/<name>/` (bf16 safetensors). Recipes then fine-tune it
 with (Q)LoRA on question answering, which it has never seen.
 """
@@ -25,17 +26,29 @@ ASSETS = Path(__file__).parent / "assets"
 
 
 def captions(rows: dict, rng: random.Random) -> list[str]:
-    """One caption per cover: its title, author and genre in a shuffled order."""
+    """Per cover, a caption (title, author and genre in shuffled order) or a plain question and
+    answer about it, phrased unlike OCR-VQA's templates and without the chat format: the
+    general ability an instruction-tuned checkpoint brings, not the recipes' task."""
+    from alignment.data import catalog
+
+    genres = list(catalog.GENRES)
     out = []
     for title, author, genre in zip(rows["title"], rows["authorName"], rows["genre"]):
         fields = [f"Title: {title}.", f"Author: {author}.", f"Genre: {genre}."]
         rng.shuffle(fields)
-        out.append(" ".join(fields))
+        asked = genre if rng.random() < 0.5 else rng.choice([g for g in genres if g != genre])
+        qa = rng.choice([
+            ("Name the author on this cover.", author),
+            ("Name the title on this cover.", title),
+            ("Which category does this cover belong to?", genre),
+            (f"Does this cover belong to the {asked} category?", "Yes" if asked == genre else "No"),
+        ])
+        out.append(" ".join(fields) if rng.random() < 0.5 else f"Question: {qa[0]} Answer: {qa[1]}")
     return out
 
 
 def pretrain(name: str = "tiny-mllama", steps: int = 500, batch_size: int = 32, lr: float = 1e-3,
-             num_covers: int = 3000, out_dir: Path | None = None) -> Path:
+             num_covers: int = 4000, out_dir: Path | None = None) -> Path:
     from PIL import Image
     from tqdm.auto import tqdm
     from transformers import AutoModelForImageTextToText

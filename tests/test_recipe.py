@@ -1,0 +1,78 @@
+"""Recipes: every shipped YAML validates; unknown keys, bad types and stage types are refused."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignment.config import ConfigError, DataConfig, SFTConfig, field_docs
+from alignment.recipe import apply_override, load_recipe, recipe_from_dict
+
+RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.stages and recipe.output_dir
+
+
+def test_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {"sft_bookcover.yaml", "dpo_bookcover.yaml", "dpo_llama32_vision_11b.yaml"} <= names
+
+
+def minimal(**extra):
+    return {"stages": [{"type": "sft"}], **extra}
+
+
+def test_unknown_key_is_refused_with_valid_keys(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"stages": [{"type": "sft", "learning_rat": 1e-3}]}))
+    with pytest.raises(ConfigError) as error:
+        load_recipe(path)
+    message = str(error.value)
+    assert str(path) in message and "learning_rat" in message and "'lr'" in message
+
+
+def test_unknown_stage_type_and_bad_types():
+    with pytest.raises(ConfigError, match="unknown stage type 'rlhf'"):
+        recipe_from_dict({"stages": [{"type": "rlhf"}]})
+    with pytest.raises(ConfigError, match=r"stages.0.batch_size: expected int, got 'big'"):
+        recipe_from_dict({"stages": [{"type": "sft", "batch_size": "big"}]})
+    with pytest.raises(ConfigError, match="lr: must be > 0"):
+        recipe_from_dict({"stages": [{"type": "sft", "lr": 0}]})
+    with pytest.raises(ConfigError, match="batch_size: must be > 0"):
+        recipe_from_dict({"stages": [{"type": "dpo", "batch_size": -2}]})
+    with pytest.raises(ConfigError, match="model.quantization"):
+        recipe_from_dict(minimal(model={"quantization": "3bit"}))
+    with pytest.raises(ConfigError, match="loss_type"):
+        recipe_from_dict({"stages": [{"type": "dpo", "loss_type": "kto"}]})
+
+
+def test_yaml_scientific_notation_and_renamed_keys():
+    recipe = recipe_from_dict({"stages": [{"type": "sft", "lr": "2e-4"}]})
+    assert recipe.stages[0].lr == 2e-4
+    with pytest.warns(FutureWarning, match="grad_accum"):
+        recipe = recipe_from_dict({"stages": [{"type": "sft", "gradient_accumulation_steps": 4}]})
+    assert recipe.stages[0].grad_accum == 4
+
+
+def test_dotted_overrides():
+    raw = {"output_dir": "a", "data": {}, "stages": [{"type": "sft"}, {"type": "dpo", "beta": 0.1}]}
+    for override in ("output_dir=/tmp/x", "stages.1.beta=0.2", "data.path=/data/c.parquet", "data.format=ocrvqa",
+                     "resume=true"):
+        apply_override(raw, override)
+    recipe = recipe_from_dict(raw)
+    assert recipe.output_dir == "/tmp/x" and recipe.stages[1].beta == 0.2 and recipe.resume is True
+    assert recipe.data.source == "/data/c.parquet" and recipe.data.format == "ocrvqa"
+    with pytest.raises(ConfigError, match="stages.5 does not exist"):
+        apply_override(raw, "stages.5.beta=1")
+    with pytest.raises(ConfigError, match="not key=value"):
+        apply_override(raw, "beta")
+
+
+def test_every_config_field_has_a_doc_line():
+    for cls in (DataConfig, SFTConfig):
+        docs = field_docs(cls)
+        assert all(docs.values()), [k for k, v in docs.items() if not v]

@@ -1,0 +1,72 @@
+"""DPO stage: one vision-tower pass per preference pair per step, for policy and reference together."""
+
+import torch
+
+from alignment.data import build_datasets
+from alignment.policy import LoraSpec, MultimodalPolicy
+from alignment.recipe import make_accelerator, recipe_from_dict
+from alignment.stages import DPOStage, RunContext
+from tests._recipes import tiny_recipe
+
+
+def make_stage(tmp_path, **overrides):
+    raw = tiny_recipe(tmp_path, stages=("dpo",))
+    raw["stages"][0].update(overrides)
+    recipe = recipe_from_dict(raw, "test")
+    policy = MultimodalPolicy.from_pretrained("tiny-mllama")
+    train, evaluation, _ = build_datasets(num_covers=60, seed=0, task="preference", max_eval_samples=8)
+    ctx = RunContext(accelerator=make_accelerator(recipe), output_dir=tmp_path)
+    stage = DPOStage(recipe.stages[0], policy, ctx, train, evaluation)
+    return stage, policy
+
+
+def count_images_encoded(policy):
+    seen = []
+    vision = policy.base_model.model.vision_model
+    handle = vision.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs["pixel_values"].shape[0]),
+                                          with_kwargs=True)
+    return seen, handle
+
+
+def test_one_vision_pass_per_pair_per_step(tmp_path):
+    stage, policy = make_stage(tmp_path)
+    policy.add_adapter("policy", LoraSpec(r=4))
+    policy.freeze_reference("policy")  # reference = frozen copy, as after SFT
+    stage.setup(None)
+    batch = stage.collate(stage.train_examples[:4])
+    seen, handle = count_images_encoded(policy)
+    loss, metrics = stage.train_step(batch)
+    loss.backward()
+    handle.remove()
+    assert batch["num_pairs"] == 4 and batch["input_ids"].shape[0] == 8  # chosen + rejected rows
+    assert seen == [4]  # one vision call encoding 4 images: once per pair, shared by all 4 sequences
+    assert torch.isfinite(loss)
+    # At step 0 the policy equals the reference: every pair's loss is ln 2.
+    torch.testing.assert_close(loss / 4, torch.tensor(0.6931472), atol=1e-5, rtol=0)
+    assert metrics["rewards/margins"] == 0.0
+
+
+def test_vision_lora_encodes_for_policy_and_reference(tmp_path):
+    """With LoRA on the vision tower the features differ, so the reference needs its own pass."""
+    stage, policy = make_stage(tmp_path)
+    policy.add_adapter("policy", LoraSpec(r=4, preset="multimodal"))
+    stage.setup(None)
+    batch = stage.collate(stage.train_examples[:4])
+    seen, handle = count_images_encoded(policy)
+    stage.train_step(batch)
+    handle.remove()
+    assert seen == [4, 4]
+
+
+def test_precomputed_reference_logprobs_match_live_ones(tmp_path):
+    stage, policy = make_stage(tmp_path, precompute_ref_logprobs=True)
+    stage.train_examples = stage.train_examples[:8]
+    policy.add_adapter("policy", LoraSpec(r=4))
+    stage.setup(None)
+    stage.before_training()
+    batch = stage.collate(stage.train_examples[:4])
+    with torch.no_grad():
+        cached = stage._reference_logps(batch, None)
+        stage.reference_logps = None
+        live = stage._reference_logps(batch, policy.encode_images(batch))
+    torch.testing.assert_close(cached, live, atol=1e-5, rtol=0)

@@ -1,0 +1,120 @@
+"""The shared loop: schedule, stream, resume after a crash, and 2 processes x b == 1 process x 2b."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignment.recipe import run_recipe
+from alignment.stages.base import Stage
+from alignment.stages.schedule import lr_at
+from alignment.stages.stream import ExampleStream
+from tests._recipes import build, tiny_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_lr_schedule_by_hand():
+    # warmup 2 of 10: steps 0,1 -> 0.5, 1.0 of peak; cosine to 0.1 x peak at the end
+    assert lr_at(0, 10, 1.0, 2) == 0.5 and lr_at(1, 10, 1.0, 2) == 1.0
+    assert lr_at(2, 10, 1.0, 2) == pytest.approx(1.0)
+    assert lr_at(10, 10, 1.0, 2) == pytest.approx(0.1)
+    assert lr_at(6, 10, 1.0, 2, "linear") == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(7, 10, 3.0, 0, "constant") == 3.0
+
+
+def test_stream_two_ranks_cover_what_one_rank_with_twice_the_batch_covers():
+    examples = list(range(40))
+    one = ExampleStream(examples, 8, seed=3)
+    ranks = [ExampleStream(examples, 4, seed=3, rank=r, world_size=2) for r in range(2)]
+    for _ in range(7):  # crosses an epoch boundary
+        assert one.next_batch() == ranks[0].next_batch() + ranks[1].next_batch()
+
+
+def test_stream_resume_sees_each_example_as_often():
+    examples = list(range(30))
+    full = ExampleStream(examples, 4, seed=1)
+    ledger_full = [x for _ in range(12) for x in full.next_batch()]
+    first = ExampleStream(examples, 4, seed=1)
+    ledger = [x for _ in range(5) for x in first.next_batch()]
+    resumed = ExampleStream(examples, 4, seed=1)
+    resumed.load_state_dict(first.state_dict())
+    ledger += [x for _ in range(7) for x in resumed.next_batch()]
+    assert ledger == ledger_full
+    with pytest.raises(ValueError, match="batch_size"):
+        ExampleStream(examples, 5, seed=1).load_state_dict(first.state_dict())
+
+
+def adapter(out, stage):
+    return load_file(str(Path(out) / stage / "adapter_model.safetensors"))
+
+
+def test_crash_mid_stage_then_resume_gives_the_same_adapter(tmp_path, monkeypatch):
+    """SFT then DPO; DPO crashes after its step-2 checkpoint; resume=true finishes identically."""
+    straight = tmp_path / "straight"
+    run_recipe(build(tiny_recipe(straight, steps=4)))
+
+    crashed = tmp_path / "crashed"
+    original = Stage._optimizer_step
+
+    def crash_at_dpo_step_3(self, optimizer, params, stream, step):
+        if self.type == "dpo" and step == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, optimizer, params, stream, step)
+
+    monkeypatch.setattr(Stage, "_optimizer_step", crash_at_dpo_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(build(tiny_recipe(crashed, steps=4)))
+    monkeypatch.setattr(Stage, "_optimizer_step", original)
+    assert (crashed / "dpo" / "checkpoints" / "step-000002" / "manifest.json").exists()
+    assert not (crashed / "dpo" / "adapter_model.safetensors").exists()
+    report = run_recipe(build(tiny_recipe(crashed, steps=4, resume=True)))
+
+    for stage in ("sft", "dpo"):
+        a, b = adapter(straight, stage), adapter(crashed, stage)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    straight_report = json.loads((straight / "report.json").read_text())
+    assert [h["loss"] for h in report["stages"][1]["history"]] == [
+        h["loss"] for h in straight_report["stages"][1]["history"]]
+    assert (crashed / "training_curves.png").exists() and (crashed / "README.md").exists()
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    from alignment.stages import checkpoint as ckpt
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        folder = ckpt.staging_dir(root, step)
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text("{}")
+        ckpt.write_manifest(folder)
+        ckpt.publish(root, step, keep=5)
+    (root / "step-000004" / "state.json").write_text("{truncated")  # size no longer matches
+    (root / "step-000006").mkdir()  # no manifest: a write that never finished
+    assert ckpt.latest_checkpoint(root) == root / "step-000002"
+
+
+def _launch(config, out, batch_size, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config),
+           str(ROOT / "launch" / "run.py"), str(ROOT / "recipes" / "sft_bookcover.yaml"),
+           f"output_dir={out}", "model.quantization=none", "data.num_covers=60", "data.max_eval_examples=4",
+           "stages.0.max_steps=2", f"stages.0.batch_size={batch_size}", "stages.0.eval_examples=2",
+           "stages.0.max_new_tokens=2", "stages.0.warmup_steps=0"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [h["loss"] for h in json.loads((out / "report.json").read_text())["stages"][0]["history"]]
+
+
+def test_two_processes_of_b_equal_one_process_of_2b(tmp_path):
+    one = _launch("launch/accelerate/cpu.yaml", tmp_path / "one", 8, tmp_path)
+    two = _launch("launch/accelerate/ddp_cpu.yaml", tmp_path / "two", 4, tmp_path)
+    assert len(one) == len(two) == 2
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), atol=1e-4, rtol=0)
