@@ -9,6 +9,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 SCHEDULES = ("cosine", "linear", "constant")
 ON_ERROR = ("error", "skip")
+REPORT_TO = ("tensorboard", "wandb", "none")
 
 
 class ConfigError(ValueError):
@@ -178,7 +179,7 @@ class PPOConfig(StageConfig):
     type: str = "ppo"
     lr: float = 1e-4
     lr_schedule: str = "constant"
-    temperature: float = 1.0  # rollout sampling temperature
+    temperature: float = 1.0  # rollout sampling temperature; PPO log-probs use the same logits / temperature
     top_p: float = 1.0  # rollout nucleus sampling
     ppo_epochs: int = 2  # passes over each rollout
     num_minibatches: int = 2  # optimizer steps per pass over a rollout
@@ -230,6 +231,7 @@ class RecipeConfig:
     output_dir: str = "outputs/run"  # where adapters, checkpoints, logs and report.json go
     seed: int = 0  # training seed (per-rank seeds derive from it)
     resume: bool = False  # continue from the newest complete checkpoint
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb | none
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[StageConfig] = field(default_factory=list)
@@ -238,6 +240,13 @@ class RecipeConfig:
         _check(len(self.stages) > 0, "stages", "a recipe needs at least one stage")
         names = [s.name for s in self.stages]
         _check(len(set(names)) == len(names), "stages", f"stage names must be unique, got {names}")
+        _check(set(self.report_to) <= set(REPORT_TO), "report_to", f"values must be in {REPORT_TO}, got {self.report_to}")
+        _check("none" not in self.report_to or len(self.report_to) == 1, "report_to", "none cannot be combined")
+        if "wandb" in self.report_to:
+            import importlib.util
+
+            _check(importlib.util.find_spec("wandb") is not None, "report_to",
+                   "wandb is not installed; pip install wandb, or use report_to: [tensorboard]")
 
 
 def field_docs(cls) -> dict[str, str]:

@@ -129,7 +129,10 @@ def apply_override(raw: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not key=value")
     key, text = override.split("=", 1)
-    value = yaml.safe_load(text) if text else ""
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {override!r}: not a valid YAML value ({str(error).splitlines()[0]})") from None
     parts = key.strip().split(".")
     node = raw
     for i, part in enumerate(parts[:-1]):
@@ -164,6 +167,16 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 def recipe_to_dict(recipe: RecipeConfig) -> dict:
     return dataclasses.asdict(recipe)
+
+
+RECIPE_FILE = "recipe.yaml"  # the resolved recipe a run saves in its output_dir
+
+
+def save_recipe(recipe: RecipeConfig, path: Path) -> None:
+    """The resolved recipe (overrides applied, defaults filled) as YAML, written atomically."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- running
@@ -222,20 +235,28 @@ def run_recipe(recipe: RecipeConfig, dry_run: bool = False, accelerator=None) ->
     from alignment.data.catalog import DEFAULT_INSTRUCTION
     from alignment.policy import MultimodalPolicy
     from alignment.stages import STAGES, RunContext
+    from alignment.stages import checkpoint as ckpt
     from alignment.stages.base import config_fingerprint
 
     accelerator = accelerator or make_accelerator(recipe)
     out = Path(recipe.output_dir)
     if accelerator.is_main_process:
         _check_writable(out)
+    if not dry_run and not recipe.resume:
+        _check_no_earlier_run(out, recipe)
+    if not dry_run and accelerator.is_main_process:
+        save_recipe(recipe, out / RECIPE_FILE)  # eval, generate and merge read the run's settings from it
     torch.manual_seed(recipe.seed)
-    policy = MultimodalPolicy.from_pretrained(
-        recipe.model.name, quantization=recipe.model.quantization, dtype=model_dtype(recipe),
-        gradient_checkpointing=recipe.model.gradient_checkpointing,
-        trust_remote_code=recipe.model.trust_remote_code,
-    )
-    if recipe.model.quantization == "none":
-        policy.to(accelerator.device)
+
+    def load_policy():
+        policy = MultimodalPolicy.from_pretrained(
+            recipe.model.name, quantization=recipe.model.quantization, dtype=model_dtype(recipe),
+            gradient_checkpointing=recipe.model.gradient_checkpointing,
+            trust_remote_code=recipe.model.trust_remote_code,
+        )
+        return policy.to(accelerator.device) if recipe.model.quantization == "none" else policy
+
+    policy = load_policy()
     instruction = recipe.data.instruction or DEFAULT_INSTRUCTION
     datasets = {}
     for stage in recipe.stages:
@@ -256,17 +277,22 @@ def run_recipe(recipe: RecipeConfig, dry_run: bool = False, accelerator=None) ->
     previous_adapter = None
     for stage_config in recipe.stages:
         stage_dir = out / stage_config.name
+        fingerprint = {**config_fingerprint(stage_config), "model": recipe.model.name,
+                       "world_size": accelerator.num_processes, "data": dataclasses.asdict(recipe.data)}
         if stage_config.name in done and (stage_dir / "adapter_model.safetensors").exists():
+            last = ckpt.latest_checkpoint(stage_dir / "checkpoints")
+            if last is not None:  # finished with other settings: refuse rather than build on it
+                ckpt.check_fingerprint(last, ckpt.read_state(last)["fingerprint"], fingerprint)
             previous_adapter = stage_dir  # finished before the resume: its adapter feeds the next stage
             continue
         train, evaluation, _ = datasets[stage_config.name]
         ctx = RunContext(
             accelerator=accelerator, output_dir=out, seed=recipe.seed, resume=recipe.resume,
-            recipe_name=recipe.name, data_config=recipe.data,
-            fingerprint={**config_fingerprint(stage_config), "model": recipe.model.name,
-                         "world_size": accelerator.num_processes, "data": dataclasses.asdict(recipe.data)},
+            recipe_name=recipe.name, data_config=recipe.data, fingerprint=fingerprint,
             collate_kwargs={"instruction": instruction, "max_length": recipe.data.max_length},
             prompt_kwargs={"instruction": instruction},
+            stage_types={s.name: s.type for s in recipe.stages[: recipe.stages.index(stage_config)]},
+            load_policy=load_policy, report_to=tuple(recipe.report_to),
         )
         stage = STAGES[stage_config.type](stage_config, policy, ctx, train, evaluation)
         entry = stage.run(previous_adapter)
@@ -286,6 +312,16 @@ def _check_writable(out: Path) -> None:
         probe.unlink()
     except OSError as error:
         raise ConfigError(f"output_dir {out} is not writable ({error.strerror}); choose another output_dir=") from None
+
+
+def _check_no_earlier_run(out: Path, recipe: RecipeConfig) -> None:
+    """Without resume=true, refuse an output_dir holding an earlier run: its checkpoints would mix
+    with the new run's (and a later resume could pick the old ones), and its report would be lost."""
+    earlier = [out / "report.json"] + [p for s in recipe.stages for p in (out / s.name / "checkpoints").glob("step-*")]
+    found = [p for p in earlier if p.exists()]
+    if found:
+        raise ConfigError(f"output_dir {out} already holds a run ({found[0]}); set resume=true to continue it, "
+                          "or choose a new output_dir= (nothing there is overwritten)")
 
 
 def _write_artifacts(out: Path, recipe: RecipeConfig, report: dict) -> None:

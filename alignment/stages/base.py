@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,9 @@ class RunContext:
     fingerprint: dict = field(default_factory=dict)  # settings a checkpoint must match to be resumed
     collate_kwargs: dict = field(default_factory=dict)  # instruction, max_length for training collators
     prompt_kwargs: dict = field(default_factory=dict)  # instruction for generation prompts
+    stage_types: dict = field(default_factory=dict)  # name -> type of the recipe's earlier stages, in order
+    load_policy: object = None  # () -> a fresh MultimodalPolicy of the recipe's base (for separate models)
+    report_to: tuple = ("tensorboard",)  # where scalars go: tensorboard, wandb (none: nowhere)
 
     @property
     def rank(self) -> int:
@@ -99,6 +103,16 @@ class Stage:
     def before_training(self) -> None:
         """Optional work after setup and resume, before the first step (e.g. reference passes)."""
 
+    def next_micro_batches(self, stream: ExampleStream) -> list:
+        """The micro-batches of the next optimizer step, as `count` and `train_step` take them
+        (PPO serves minibatches of its rollout here, sampling a new rollout when one is used up)."""
+        return [self.collate(stream.next_batch()) for _ in range(self.config.grad_accum)]
+
+    def trained_models(self) -> list:
+        """The `MultimodalPolicy` objects whose trainable adapters (and heads) this stage optimises
+        and checkpoints: the shared policy, plus e.g. a separately loaded critic."""
+        return [self.policy]
+
     # ---- the loop --------------------------------------------------------------
     def run(self, previous_adapter: Path | None = None) -> dict:
         """Set up, train (resuming if asked), save the adapter, evaluate; returns the report entry."""
@@ -125,23 +139,25 @@ class Stage:
 
     def train(self) -> int:
         cfg, ctx = self.config, self.ctx
-        torch.manual_seed(ctx.seed * 1000 + ctx.rank)
-        params = self.policy.trainable_parameters()
+        torch.manual_seed(rank_seed(ctx.seed, ctx.rank))
+        params = [p for model in self.trained_models() for p in model.trainable_parameters()]
         if not params:
             raise RuntimeError(f"stage {cfg.name!r} has no trainable parameters")
         optimizer = self._optimizer(params)
         stream = ExampleStream(self.train_examples, cfg.batch_size, ctx.seed, ctx.rank, ctx.world_size)
         step = self._resume(optimizer, stream) if ctx.resume else 0
         self.before_training()
-        writer = _writer(ctx.output_dir / "runs" / cfg.name) if ctx.is_main else None
+        writer = _writer(ctx.output_dir / "runs" / cfg.name, ctx.report_to, ctx.recipe_name) if ctx.is_main else None
         bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.name, disable=not ctx.is_main, dynamic_ncols=True)
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
-        self.policy.train()
+        for model in self.trained_models():
+            model.train()
         try:
             while step < cfg.max_steps:
                 tick = time.time()
                 record = self._optimizer_step(optimizer, params, stream, step)
                 step += 1
+                _append_ledger(cfg.name, step, ctx.rank, record.pop("ids", []))
                 record["samples_per_s"] = cfg.batch_size * cfg.grad_accum * ctx.world_size / (time.time() - tick)
                 self.history.append({"step": step, **record})
                 bar.update(1)
@@ -151,9 +167,12 @@ class Stage:
                     for key, value in record.items():
                         writer.add_scalar(f"{cfg.name}/{key}", value, step)
                     writer.flush()
-                if step % cfg.save_every == 0 or step == cfg.max_steps or self._sigterm:
+                stop = _all_sum(torch.tensor(float(self._sigterm)), ctx).item() > 0  # every rank stops together
+                if step % cfg.save_every == 0 or step == cfg.max_steps or stop:
                     self._save(step, optimizer, stream)
-                if self._sigterm:
+                if stop:
+                    tqdm.write(f"[{cfg.name}] SIGTERM: checkpoint of step {step} saved in {self.dir / 'checkpoints'}; "
+                               "run again with resume=true to continue")
                     raise Interrupted(143)
         finally:
             bar.close()
@@ -167,8 +186,12 @@ class Stage:
         cfg, ctx = self.config, self.ctx
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio)
-        batches = [self.collate(stream.next_batch()) for _ in range(cfg.grad_accum)]
+        batches = self.next_micro_batches(stream)
+        ids = [i for b in batches for i in (b.get("ids", []) if isinstance(b, dict) else getattr(b, "ids", []))]
         total = _all_sum(torch.tensor(float(sum(self.count(b) for b in batches))), ctx)
+        if total.item() == 0:  # e.g. every label masked: nothing to learn from, and Adam's momentum must not move
+            tqdm.write(f"[{cfg.name}] step {step + 1}: no counted tokens or pairs in the batch; step skipped")
+            return {"skipped_empty": 1, "lr": optimizer.param_groups[0]["lr"], "ids": ids}
         loss_total, sums = torch.zeros(()), {}
         for batch in batches:
             with ctx.accelerator.autocast():
@@ -176,7 +199,7 @@ class Stage:
             (loss_sum / total.clamp(min=1)).backward()
             loss_total += loss_sum.detach().float().cpu()
             for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
+                sums[key] = sums.get(key, 0.0) + value / len(batches)
         _all_reduce_grads(params, ctx)
         grad_norm = _grad_norm(params, cfg.max_grad_norm)
         loss = (_all_sum(loss_total, ctx) / total.clamp(min=1)).item()
@@ -190,15 +213,16 @@ class Stage:
                     f"stage {cfg.name!r}: {self.nonfinite_steps} consecutive non-finite steps at step {step + 1}; "
                     f"the last good checkpoint is kept in {self.dir / 'checkpoints'} (lower lr or check the data)"
                 )
-            return {"skipped": 1, "lr": optimizer.param_groups[0]["lr"]}
+            return {"skipped": 1, "lr": optimizer.param_groups[0]["lr"], "ids": ids}
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.nonfinite_steps = 0
-        return {"loss": loss, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"], **sums}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"], **sums, "ids": ids}
 
     # ---- checkpoints -----------------------------------------------------------
-    def _trained_adapters(self) -> list[str]:
-        return sorted(self.policy.trainable_adapters)
+    def _trained_adapters(self) -> list[tuple[object, str]]:
+        """(model, adapter name) of every adapter a checkpoint keeps."""
+        return [(model, name) for model in self.trained_models() for name in sorted(model.trainable_adapters)]
 
     def _save(self, step: int, optimizer, stream: ExampleStream) -> None:
         ctx, root = self.ctx, self.dir / "checkpoints"
@@ -209,8 +233,8 @@ class Stage:
 
                 shutil.rmtree(staged)
             staged.mkdir(parents=True)
-            for name in self._trained_adapters():
-                self.policy.save_adapter(name, staged / "adapters" / name)
+            for model, name in self._trained_adapters():
+                model.save_adapter(name, staged / "adapters" / name)
             torch.save(optimizer.state_dict(), staged / "optimizer.pt")
             state = {"step": step, "stream": stream.state_dict(), "fingerprint": ctx.fingerprint,
                      "history": self.history, "nonfinite_steps": self.nonfinite_steps, "extra": self.extra_state()}
@@ -231,20 +255,21 @@ class Stage:
         pass
 
     def _resume(self, optimizer, stream: ExampleStream) -> int:
-        folder = ckpt.latest_checkpoint(self.dir / "checkpoints")
+        root = self.dir / "checkpoints"
+        folder = ckpt.latest_checkpoint(root)
+        ignored = [p.name for p in sorted(root.glob("step-*")) if folder is None or p.name > folder.name]
+        if ignored and self.ctx.is_main:
+            tqdm.write(f"[{self.config.name}] ignoring incomplete checkpoint(s) {ignored} in {root} "
+                       "(files missing or of the wrong size)")
         if folder is None:
+            if self.ctx.is_main:
+                tqdm.write(f"[{self.config.name}] resume=true but no complete checkpoint in {root}; starting at step 0")
             return 0
-        state = json.loads((folder / "state.json").read_text())
-        if state["fingerprint"] != self.ctx.fingerprint:
-            changed = sorted(k for k in set(state["fingerprint"]) | set(self.ctx.fingerprint)
-                             if state["fingerprint"].get(k) != self.ctx.fingerprint.get(k))
-            raise ckpt.CheckpointError(
-                f"{folder} was written by a different recipe (changed: {', '.join(changed)}); "
-                "resume with the same recipe or choose a new output_dir"
-            )
+        state = ckpt.read_state(folder)
+        ckpt.check_fingerprint(folder, state["fingerprint"], self.ctx.fingerprint)
         stream.load_state_dict(state["stream"])
-        for name in self._trained_adapters():
-            self.policy.load_adapter(name, folder / "adapters" / name)
+        for model, name in self._trained_adapters():
+            model.load_adapter(name, folder / "adapters" / name)
         optimizer.load_state_dict(ckpt.safe_load(folder / "optimizer.pt"))
         ckpt.set_rng_state(ckpt.safe_load(folder / f"rng-rank{self.ctx.rank}.pt"))
         self.history = state["history"]
@@ -258,6 +283,25 @@ class Stage:
         self._sigterm = True
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The torch seed of process `rank` in training (distinct per rank; dropout and sampling differ)."""
+    return seed * 1000 + rank
+
+
+def _append_ledger(stage: str, step: int, rank: int, ids: list) -> None:
+    """With `VLM_ALIGN_LEDGER=path`, append one JSON line of the sample ids a step trained on (tests
+    use it to check that a resumed run sees every sample as often as an uninterrupted one)."""
+    path = os.environ.get("VLM_ALIGN_LEDGER")
+    if not path:
+        return
+    line = json.dumps({"stage": stage, "step": step, "rank": rank, "ids": ids}) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())  # one write: a kill leaves whole lines only
+    finally:
+        os.close(fd)
+
+
 def config_fingerprint(config: StageConfig) -> dict:
     return {k: v for k, v in asdict(config).items() if k not in ("eval_examples", "eval_batch_size", "log_every")}
 
@@ -268,10 +312,40 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _writer(folder: Path):
-    from torch.utils.tensorboard import SummaryWriter
+class _Writers:
+    """Scalars to every backend of `report_to`: TensorBoard under `folder`, wandb (optional)."""
 
-    return SummaryWriter(str(folder))
+    def __init__(self, folder: Path, report_to, run_name: str):
+        self.tensorboard = self.wandb = None
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(folder))
+        if "wandb" in report_to:
+            import wandb
+
+            self.wandb = wandb.init(project="vlm-align", name=f"{run_name}/{folder.name}", dir=str(folder.parent),
+                                    reinit=True)
+
+    def add_scalar(self, key: str, value: float, step: int) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log({key: value}, step=step)
+
+    def flush(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _writer(folder: Path, report_to=("tensorboard",), run_name: str = "run"):
+    return _Writers(folder, report_to, run_name) if set(report_to) - {"none"} else None
 
 
 def _all_sum(value: torch.Tensor, ctx: RunContext) -> torch.Tensor:

@@ -110,6 +110,31 @@ def latest_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def read_state(folder: Path) -> dict:
+    """`state.json` of a complete checkpoint, or a `CheckpointError` naming it and what to do."""
+    path = folder / "state.json"
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not {"step", "stream", "fingerprint"} <= set(state):
+            raise ValueError("keys step, stream, fingerprint missing")
+        return state
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path} cannot be read ({error}); delete {folder} to resume from an older "
+                              "checkpoint") from None
+
+
+def check_fingerprint(folder: Path, saved: dict, current: dict) -> None:
+    """Refuse a checkpoint written with other settings (recipe, batch size, world size, data, model)."""
+    if saved == current:
+        return
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    detail = ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}"[:80] for k in changed)
+    raise CheckpointError(
+        f"{folder} was written by a different recipe (changed: {detail}); resume with the same "
+        "recipe, batch size and number of processes, or choose a new output_dir"
+    )
+
+
 def safe_load(path: Path):
     """`torch.load(weights_only=True)` with a clear error for a missing or corrupt file."""
     try:
@@ -118,6 +143,6 @@ def safe_load(path: Path):
         raise CheckpointError(f"{path} is missing; delete {path.parent} to resume from an older checkpoint") from error
     except Exception as error:  # corrupt bytes, or a pickle that needs more than tensors
         raise CheckpointError(
-            f"{path} cannot be loaded safely ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            f"{path} cannot be loaded safely ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}); "
             f"delete {path.parent} to resume from an older checkpoint"
         ) from error

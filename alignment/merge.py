@@ -1,0 +1,95 @@
+"""Merge a stage's LoRA adapter into its base model: a standard transformers checkpoint.
+
+    merge_adapter("tiny-mllama", "outputs/dpo_bookcover/dpo", "merged/", dtype="bf16")
+
+The base is loaded unquantised in the target dtype (a 4-bit QLoRA run merges into the original
+full-precision weights: bitsandbytes' NF4 weights cannot be saved as a plain checkpoint), the adapter
+is loaded on it and folded in (`merge_and_unload`), and model, generation config and processor
+(tokenizer, image processor, chat template) are written together. The folder then loads with
+`AutoModelForImageTextToText.from_pretrained(out)` and `AutoProcessor.from_pretrained(out)` alone,
+which is what vLLM and TGI read.
+
+The adapter of a DPO or PPO stage is the whole policy adapter (DPO continues SFT's adapter), so the
+last policy stage's folder alone is what to merge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+MERGE_INFO = "vlm_align_merge.json"
+
+
+class MergeError(ValueError):
+    """The adapter cannot be merged as asked; the message says why and what to do."""
+
+
+def merge_adapter(model_name: str, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                  dtype: str = "bf16", trust_remote_code: bool = False, overwrite: bool = False) -> Path:
+    """Write base `model_name` + the LoRA adapter in `adapter_dir`, merged, to `out_dir` (atomically)."""
+    import torch
+
+    from alignment.policy import ADAPTER_FILE, HEAD_FILE, MultimodalPolicy
+
+    if dtype not in DTYPES:
+        raise MergeError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    adapter_dir, out = Path(adapter_dir), Path(out_dir)
+    if not (adapter_dir / ADAPTER_FILE).exists():
+        raise FileNotFoundError(f"no {ADAPTER_FILE} in {adapter_dir}: not a finished stage's adapter folder")
+    if (adapter_dir / HEAD_FILE).exists():
+        raise MergeError(f"{adapter_dir} holds a reward model or critic (a LoRA adapter plus a scalar head), "
+                         "not a policy; merge the folder of an sft, dpo or ppo stage")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise MergeError(f"{out} exists and is not empty; choose a new folder (or pass --overwrite)")
+
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    policy = MultimodalPolicy.from_pretrained(model_name, quantization="none", dtype=torch_dtype,
+                                              trust_remote_code=trust_remote_code)
+    policy.load_adapter("policy", adapter_dir, trainable=False)
+    model = policy.model.merge_and_unload(safe_merge=True)
+    leftover = [n for n, _ in model.named_modules() if "lora_" in n]
+    if leftover:
+        raise RuntimeError(f"LoRA layers left after merging: {leftover[:3]}")
+    model = model.to(torch_dtype)
+    _restore_use_cache(model, model_name, trust_remote_code)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's folder is private; the checkpoint is not
+    try:
+        model.save_pretrained(staging)
+        policy.processor.save_pretrained(staging)
+        info = {"base_model": model_name, "adapter": str(adapter_dir.resolve()), "dtype": DTYPES[dtype],
+                "adapter_config": json.loads((adapter_dir / "adapter_config.json").read_text())}
+        (staging / MERGE_INFO).write_text(json.dumps(info, indent=2, default=str))
+        for file in staging.iterdir():
+            os.chmod(file, 0o666 & ~umask)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _restore_use_cache(model, model_name: str, trust_remote_code: bool) -> None:
+    """Undo `MultimodalPolicy`'s `config.use_cache = False` (set for training): the base's value, or none."""
+    from transformers import AutoConfig
+
+    from alignment.models import resolve_model_path
+
+    original = AutoConfig.from_pretrained(resolve_model_path(model_name), trust_remote_code=trust_remote_code)
+    if "use_cache" in original.to_dict():
+        model.config.use_cache = original.use_cache
+    else:
+        vars(model.config).pop("use_cache", None)
+
+
+__all__ = ["DTYPES", "MergeError", "merge_adapter"]

@@ -1,0 +1,142 @@
+"""`vlm-align`: every subcommand's help; `train` leaves recipe, report, curves and model card;
+`eval` reproduces the report's numbers; `generate` prints the policy's answer; errors are one line."""
+
+import json
+
+import pytest
+import yaml
+
+from alignment.cli import main
+from alignment.recipe import load_recipe
+from tests._cli_run import held_out, one_thread, tiny_run
+
+COMMANDS = ("train", "eval", "generate", "merge")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return tiny_run(tmp_path_factory)
+
+
+def _scalars(metrics):
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: vlm-align {command}") and "--debug" in out
+
+
+def test_top_level_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert all(command in out for command in COMMANDS)
+    assert main([]) == 2
+
+
+def test_train_leaves_recipe_report_curves_and_model_card(run):
+    recipe = load_recipe(run / "recipe.yaml")
+    assert [s.name for s in recipe.stages] == ["sft", "dpo"] and recipe.output_dir == str(run)
+    assert recipe.report_to == ["tensorboard"] and list((run / "runs" / "dpo").glob("events.out.tfevents.*"))
+    report = json.loads((run / "report.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["sft", "dpo"]
+    assert (run / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (run / "README.md").read_text()
+    for text in ("## Results", "### sft (sft)", "### dpo (dpo)", "| preference_accuracy |", "## Data",
+                 f"vlm-align train {run}/recipe.yaml", f"vlm-align eval {run}/dpo", f"vlm-align generate {run}/dpo",
+                 f"vlm-align merge {run}/dpo", "![training curves](training_curves.png)"):
+        assert text in card, text
+    recipe_block = card.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(recipe_block) == yaml.safe_load((run / "recipe.yaml").read_text())
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_eval_reproduces_the_report(run, stage, tmp_path, capsys):
+    out = tmp_path / "metrics.json"
+    assert main(["eval", str(run / stage), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    entry = next(s for s in json.loads((run / "report.json").read_text())["stages"] if s["name"] == stage)
+    assert result["data"]["split"] == "eval" and result["data"]["examples"] == 4
+    assert result["metrics"] == pytest.approx(_scalars(entry["eval"]), abs=1e-6)
+    assert [s["prediction"] for s in result["samples"]] == [s["prediction"] for s in entry["eval"]["samples"]]
+    expected = {"sft": ("exact_match", "mean_answer_words", "exact_match_blind"),
+                "dpo": ("preference_accuracy", "exact_match", "mean_answer_words")}[stage]
+    assert set(expected) <= set(result["metrics"])
+    table = capsys.readouterr().out
+    assert "report.json" in table and all(key in table for key in expected)
+
+
+def test_eval_on_another_data_source_takes_every_row(run, tmp_path):
+    rows = []
+    for i, example in enumerate(held_out(run, "sft")[:3]):
+        example["image"].save(tmp_path / f"cover{i}.png")
+        rows.append({"images": [f"cover{i}.png"], "messages": [
+            {"role": "user", "content": example["question"]}, {"role": "assistant", "content": example["answer"]}]})
+    data = tmp_path / "heldout.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "m.json"
+    assert main(["eval", str(run / "sft"), f"data.path={data}", "data.format=messages", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["data"]["split"] == "all" and result["data"]["examples"] == 3
+    assert result["data"]["source"] == str(data) and len(result["samples"]) == 3
+    assert 0.0 <= result["metrics"]["exact_match"] <= 1.0
+
+
+def test_generate_prints_the_answer_the_stage_gave_in_evaluation(run, tmp_path, capsys):
+    """Greedy and alone, the answer to the first held-out cover is the one in the report's samples."""
+    example = held_out(run, "dpo")[0]
+    image = tmp_path / "cover.png"
+    example["image"].save(image)
+    capsys.readouterr()
+    assert main(["generate", str(run / "dpo"), "--image", str(image), "--question", example["question"]]) == 0
+    answer = capsys.readouterr().out.rstrip("\n")
+    entry = next(s for s in json.loads((run / "report.json").read_text())["stages"] if s["name"] == "dpo")
+    assert answer == entry["eval"]["samples"][0]["prediction"]
+
+
+def test_errors_are_one_line_with_exit_2(run, tmp_path, capsys):
+    cases = [
+        (["eval", str(tmp_path / "nowhere" / "sft")], "has no recipe.yaml"),
+        (["generate", str(run / "ppo"), "--image", "x.png", "--question", "q"], "not a stage of the run"),
+        (["generate", str(run / "dpo"), "--image", str(tmp_path / "missing.png"), "--question", "q"], "does not exist"),
+        (["merge", str(run / "dpo"), str(run)], "not empty"),
+        (["eval", str(run / "dpo"), "stages.9.beta=1"], "does not exist"),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, (argv, err)
+
+
+def test_report_to_is_checked_and_honoured(tmp_path):
+    import importlib.util
+
+    from alignment.config import ConfigError
+    from alignment.recipe import recipe_from_dict
+    from alignment.stages.base import _writer
+
+    assert recipe_from_dict({"stages": [{"type": "sft"}]}).report_to == ["tensorboard"]
+    with pytest.raises(ConfigError, match="report_to"):
+        recipe_from_dict({"report_to": ["mlflow"], "stages": [{"type": "sft"}]})
+    with pytest.raises(ConfigError, match="none cannot be combined"):
+        recipe_from_dict({"report_to": ["none", "tensorboard"], "stages": [{"type": "sft"}]})
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ConfigError, match="wandb is not installed"):
+            recipe_from_dict({"report_to": ["wandb"], "stages": [{"type": "sft"}]})
+    assert _writer(tmp_path / "off", ("none",)) is None and not (tmp_path / "off").exists()
+    writer = _writer(tmp_path / "tb", ("tensorboard",))
+    writer.add_scalar("sft/loss", 1.0, 1)
+    writer.close()
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

@@ -1,0 +1,116 @@
+"""`vlm-align merge`: the merged folder loads with plain transformers (no code of ours), holds
+W + (alpha/r)·B·A, and answers held-out covers greedily exactly as base + adapter do."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignment.cli import generate_answer, load_base, main
+from alignment.data import DEFAULT_INSTRUCTION, render_prompt
+from alignment.merge import MERGE_INFO, MergeError, merge_adapter
+from alignment.recipe import load_recipe
+from tests._cli_run import held_out, one_thread, tiny_run
+
+LAYER = "model.language_model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def merged(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("merged") / "dpo-fp32"
+    assert main(["merge", str(run / "dpo"), str(out), "--dtype", "fp32"]) == 0
+    return out
+
+
+def _plain_answers(folder, examples, max_new_tokens):
+    """Greedy answers with transformers alone: Auto classes, the saved chat template, generate()."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    answers = []
+    for example in examples:
+        messages = [{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": f" {DEFAULT_INSTRUCTION} {example['question']}"}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        assert text == render_prompt(example["question"])  # seed 000's prompt, from the saved template
+        inputs = processor(text=text, images=[example["image"]], add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        answers.append(processor.decode(tokens[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return model, answers
+
+
+def test_merged_model_answers_like_the_adapter(run, merged):
+    examples = held_out(run, "dpo")
+    model, plain = _plain_answers(merged, examples, max_new_tokens=6)
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+    assert model.config.get_text_config().use_cache and model.dtype == torch.float32
+
+    policy = load_base(load_recipe(run / "recipe.yaml"), "cpu")
+    policy.load_adapter("policy", run / "dpo", trainable=False)
+    policy.eval()
+    with torch.no_grad():
+        ours = [generate_answer(policy, e["image"], e["question"], DEFAULT_INSTRUCTION, 6) for e in examples]
+    assert plain == ours and any(ours)
+
+
+def test_merged_weights_are_base_plus_scaled_lora(run, merged):
+    """W' = W + (alpha / r) · B · A on a targeted layer; layers LoRA does not touch are unchanged."""
+    from transformers import AutoModelForImageTextToText
+
+    from alignment.models import resolve_model_path
+
+    base = AutoModelForImageTextToText.from_pretrained(resolve_model_path("tiny-mllama"), dtype=torch.float32).state_dict()
+    out = AutoModelForImageTextToText.from_pretrained(merged, dtype=torch.float32).state_dict()
+    lora = load_file(f"{run}/dpo/adapter_model.safetensors")
+    config = json.loads((run / "dpo" / "adapter_config.json").read_text())
+    a = next(v for k, v in lora.items() if f"{LAYER}.lora_A" in k)
+    b = next(v for k, v in lora.items() if f"{LAYER}.lora_B" in k)
+    delta = (config["lora_alpha"] / config["r"]) * b @ a
+    assert delta.abs().max() > 0  # training moved the adapter, so merging changes the weights
+    torch.testing.assert_close(out[f"{LAYER}.weight"], base[f"{LAYER}.weight"] + delta, rtol=1e-5, atol=1e-6)
+    assert out.keys() == base.keys()
+    vision = next(k for k in base if "vision_model" in k and k.endswith("weight"))
+    torch.testing.assert_close(out[vision], base[vision], rtol=0, atol=0)
+    info = json.loads((merged / MERGE_INFO).read_text())
+    assert info["base_model"] == "tiny-mllama" and info["dtype"] == "float32"
+
+
+def test_merge_refuses_heads_bad_dtype_and_a_full_folder(run, tmp_path):
+    head_dir = tmp_path / "reward"
+    head_dir.mkdir()
+    for file in ("adapter_config.json", "adapter_model.safetensors"):
+        (head_dir / file).write_bytes((run / "dpo" / file).read_bytes())
+    (head_dir / "head.safetensors").write_bytes(b"")
+    with pytest.raises(MergeError, match="reward model or critic"):
+        merge_adapter("tiny-mllama", head_dir, tmp_path / "out")
+    with pytest.raises(MergeError, match="dtype must be one of"):
+        merge_adapter("tiny-mllama", run / "dpo", tmp_path / "out", dtype="int8")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("keep me")
+    with pytest.raises(MergeError, match="not empty"):
+        merge_adapter("tiny-mllama", run / "dpo", full)
+    assert (full / "x").read_text() == "keep me"
+
+
+def test_merge_defaults_to_bf16(run, tmp_path, capsys):
+    from transformers import AutoModelForImageTextToText
+
+    out = tmp_path / "dpo-bf16"
+    assert main(["merge", str(run / "dpo"), str(out)]) == 0
+    assert "AutoModelForImageTextToText.from_pretrained" in capsys.readouterr().out
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert model.dtype == torch.bfloat16 and json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
