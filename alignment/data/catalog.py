@@ -54,8 +54,8 @@ DEFAULT_INSTRUCTION = "Answer question based on the image, do not explain"
 
 # Phrases that verbose, explaining answers are built from (the habit seed 000 trained away).
 VERBOSE_TEMPLATES = (
-    "Based on the cover shown in the image, the answer is {answer}.",
     "Looking at the book cover, I can see that the answer is {answer}, as shown by the design.",
+    "Based on the cover shown in the image, the answer is {answer}.",
     "The image shows a book cover. From the text and colours on it, the answer is {answer}.",
     "{answer}. This can be read from the cover, which shows the title, the author and the style of the book.",
 )

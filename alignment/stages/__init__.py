@@ -2,8 +2,11 @@
 
 from alignment.stages.base import NonFiniteLossError, RunContext, Stage
 from alignment.stages.dpo import DPOStage
+from alignment.stages.ppo import PPOStage
+from alignment.stages.reward import RewardModelStage
 from alignment.stages.sft import SFTStage
 
-STAGES: dict[str, type[Stage]] = {"sft": SFTStage, "dpo": DPOStage}
+STAGES: dict[str, type[Stage]] = {"sft": SFTStage, "dpo": DPOStage, "reward": RewardModelStage, "ppo": PPOStage}
 
-__all__ = ["STAGES", "DPOStage", "NonFiniteLossError", "RunContext", "SFTStage", "Stage"]
+__all__ = ["STAGES", "DPOStage", "NonFiniteLossError", "PPOStage", "RewardModelStage", "RunContext", "SFTStage",
+           "Stage"]
