@@ -1,0 +1,119 @@
+"""The PPO rollout record: sampled answers to a batch of prompts and everything PPO derives from them.
+
+B rows (one prompt and its sampled answer each), T = prompt + answer tokens. A row is
+``[left padding | prompt | answer ... <|eot_id|> | right padding]``. Per-token fields are aligned
+with log-prob positions, ``[B, T-1]``: position t holds what concerns token t+1 given tokens <= t
+(its log-prob, the value of the state before it, its reward), and ``response_mask`` is 1 where
+token t+1 is an answer token (the stop token included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """One rollout batch. Tensors only (no grad); `ids` names each row's example."""
+
+    input_ids: torch.Tensor  # [B, T] int64: prompt (left-padded) then answer (right-padded)
+    attention_mask: torch.Tensor  # [B, T] int64: 1 on prompt and answer tokens
+    cross_attention_mask: torch.Tensor | None  # [B, T, 1, tiles] Mllama: image visible from <|image|> on
+    image_features: torch.Tensor  # [B, S, H] each row's image, encoded once (policy.encode_images)
+    response_mask: torch.Tensor  # [B, T-1] float: 1 where position t predicts an answer token
+    old_logprobs: torch.Tensor  # [B, T-1] log pi_old(token t+1) under the sampling policy
+    ref_logprobs: torch.Tensor  # [B, T-1] log pi_ref(token t+1) under the reference
+    values: torch.Tensor  # [B, T-1] critic's V(tokens <= t) at sampling time
+    rewards: torch.Tensor  # [B, T-1] -kl_coef * (old - ref) per answer token, + score on the last one
+    advantages: torch.Tensor  # [B, T-1] GAE advantages (whitened over the rollout when configured)
+    returns: torch.Tensor  # [B, T-1] advantages + values (before whitening): the critic's targets
+    scores: torch.Tensor  # [B] reward model's score of each whole answer
+    ids: list[str]  # [B] example ids
+    pixel_inputs: dict | None = None  # the family's pixel tensors [B, ...], kept only when an adapter
+    #                                   touches the vision tower (updates then re-encode with gradient)
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def model_batch(self) -> dict:
+        """The batch `MultimodalPolicy` forwards take: rows with their image (row i -> feature row i)
+        and labels on the answer tokens (so `completion_logprobs` scores exactly the answer)."""
+        labels = torch.full_like(self.input_ids, -100)
+        labels[:, 1:] = torch.where(self.response_mask.bool(), self.input_ids[:, 1:], labels[:, 1:])
+        batch = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": labels,
+                 "image_index": torch.arange(self.size, device=self.input_ids.device)}
+        if self.cross_attention_mask is not None:
+            batch["cross_attention_mask"] = self.cross_attention_mask
+        return {**batch, **(self.pixel_inputs or {})}
+
+    def select(self, rows: torch.Tensor | list[int]) -> Rollout:
+        """The rollout of the given rows, with columns that are padding in every one of them dropped."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "ids":
+                picked[f.name] = [value[i] for i in rows.tolist()]
+            elif f.name == "pixel_inputs" and value is not None:
+                picked[f.name] = {k: v[rows.to(v.device)] for k, v in value.items()}
+            elif value is not None:
+                picked[f.name] = value[rows.to(value.device)]
+            else:
+                picked[f.name] = None
+        return Rollout(**picked).trimmed()
+
+    def trimmed(self) -> Rollout:
+        """Drop leading and trailing columns that are padding in every row (nothing changes numerically:
+        Mllama's rotary positions are relative, and padding is masked)."""
+        used = self.attention_mask.bool().any(dim=0).nonzero().flatten()
+        if used.numel() == 0:
+            return self
+        first, last = int(used[0]), int(used[-1]) + 1
+        if first == 0 and last == self.input_ids.shape[1]:
+            return self
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("input_ids", "attention_mask", "cross_attention_mask"):
+                value = None if value is None else value[:, first:last]
+            elif torch.is_tensor(value) and value.dim() == 2 and f.name != "image_features":
+                value = value[:, first : last - 1]  # [B, T-1] positions first .. last-2
+            out[f.name] = value
+        return Rollout(**out)
+
+    def micro_batches(self, size: int) -> list[Rollout]:
+        return [self.select(torch.arange(start, min(start + size, self.size)))
+                for start in range(0, self.size, size)]
+
+
+def cat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Concatenate rollouts along rows; all share one prompt length (collated together), answers are
+    right-padded to the longest."""
+    width = max(p.input_ids.shape[1] for p in parts)
+
+    def right_pad(x, value, full):
+        missing = full - x.shape[1]
+        if missing == 0:
+            return x
+        shape = (x.shape[0], missing, *x.shape[2:])
+        return torch.cat([x, x.new_full(shape, value)], dim=1)
+
+    out = {}
+    for f in fields(Rollout):
+        values = [getattr(p, f.name) for p in parts]
+        if f.name == "ids":
+            out[f.name] = [i for v in values for i in v]
+        elif values[0] is None:
+            out[f.name] = None
+        elif f.name == "pixel_inputs":
+            out[f.name] = {k: torch.cat([v[k] for v in values]) for k in values[0]}
+        elif f.name in ("scores", "image_features"):
+            out[f.name] = torch.cat(values)
+        else:
+            full = width if f.name in ("input_ids", "attention_mask", "cross_attention_mask") else width - 1
+            fill = pad_id if f.name == "input_ids" else 0
+            out[f.name] = torch.cat([right_pad(v, fill, full) for v in values])
+    return Rollout(**out)
