@@ -140,6 +140,7 @@ class DPOConfig(StageConfig):
     beta: float = 0.1  # strength of the implicit KL to the reference
     loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
     label_smoothing: float = 0.0  # conservative DPO's epsilon (sigmoid only)
+    rpo_alpha: float = 0.0  # weight of the chosen answers' per-token NLL added to the loss (RPO; 0: plain DPO)
     precompute_ref_logprobs: bool = False  # one reference pass before training
     lora: LoraConfig = field(default_factory=LoraConfig)  # used when no adapter is inherited
 
@@ -150,6 +151,7 @@ class DPOConfig(StageConfig):
         _positive(self, "beta")
         _check(self.loss_type in DPO_LOSS_TYPES, f"stages.{self.name}.loss_type", f"must be one of {sorted(DPO_LOSS_TYPES)}")
         _check(0 <= self.label_smoothing < 0.5, f"stages.{self.name}.label_smoothing", "must be in [0, 0.5)")
+        _check(self.rpo_alpha >= 0, f"stages.{self.name}.rpo_alpha", "must be >= 0")
 
 
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "dpo": DPOConfig}

@@ -50,3 +50,23 @@ def generate_answers(policy, examples: list[dict], collate_prompts, batch_size: 
         references += batch["answers"]
         kinds += batch["kinds"]
     return predictions, references, kinds
+
+
+def rejection_type(chosen: str, rejected: str) -> str:
+    """"verbose" when the rejected answer wraps the chosen one in more words, else "wrong"."""
+    c, r = normalize_answer(chosen), normalize_answer(rejected)
+    return "verbose" if c and len(r) > len(c) and f" {c} " in f" {r} " else "wrong"
+
+
+def preference_metrics(pairs: list[dict], chosen_rewards: list[float], rejected_rewards: list[float],
+                       name: str = "preference_accuracy") -> dict[str, float]:
+    """Share of pairs whose chosen reward beats the rejected one: overall, per rejection type
+    (verbose / wrong) and per question kind, as `name`, `name/verbose`, `name/kind/<kind>`."""
+    wins = [c > r for c, r in zip(chosen_rewards, rejected_rewards)]
+    metrics = {name: sum(wins) / max(1, len(wins))}
+    groups: dict[str, list[bool]] = {}
+    for pair, win in zip(pairs, wins):
+        groups.setdefault(rejection_type(pair["chosen"], pair["rejected"]), []).append(win)
+        groups.setdefault(f"kind/{pair.get('kind', 'unknown')}", []).append(win)
+    metrics.update({f"{name}/{group}": sum(w) / len(w) for group, w in sorted(groups.items())})
+    return metrics

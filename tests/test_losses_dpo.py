@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from alignment.losses import DPO_LOSS_TYPES, dpo_loss, dpo_sigmoid_loss, hinge_loss, ipo_loss
+from alignment.losses import DPO_LOSS_TYPES, dpo_loss, dpo_sigmoid_loss, hinge_loss, ipo_loss, rpo_nll
 
 LOGP = st.floats(-50.0, 0.0)
 
@@ -222,3 +222,15 @@ def test_matches_trl_ipo_up_to_length_normalisation():
         assert_close(
             dpo_loss(pc, pr, rc, rr, beta, "ipo")[0].mean(), _trl_dpo_loss(pc, pr, rc, rr, beta, ["ipo"])[0]
         )
+
+
+def test_rpo_nll_is_mean_token_nll_of_each_chosen_answer():
+    # Two answers: 3 tokens summing to log-prob -6 (2 nats/token) and 1 token at -0.5.
+    nll = rpo_nll(torch.tensor([-6.0, -0.5]), torch.tensor([3.0, 1.0]))
+    assert_close(nll, torch.tensor([2.0, 0.5]))
+    # Its gradient raises the chosen log-prob: d nll / d logp = -1 / length.
+    logps = torch.tensor([-6.0, -0.5], requires_grad=True)
+    rpo_nll(logps, torch.tensor([3.0, 1.0])).sum().backward()
+    assert_close(logps.grad, torch.tensor([-1 / 3, -1.0]))
+    # A zero length (no counted token) does not divide by zero.
+    assert torch.isfinite(rpo_nll(torch.tensor([0.0]), torch.tensor([0.0]))).all()

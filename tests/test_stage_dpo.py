@@ -70,3 +70,19 @@ def test_precomputed_reference_logprobs_match_live_ones(tmp_path):
         stage.reference_logps = None
         live = stage._reference_logps(batch, policy.encode_images(batch))
     torch.testing.assert_close(cached, live, atol=1e-5, rtol=0)
+
+
+def test_rpo_alpha_adds_the_chosen_answers_token_nll(tmp_path):
+    stage, policy = make_stage(tmp_path, rpo_alpha=0.5)
+    policy.add_adapter("policy", LoraSpec(r=4))
+    policy.freeze_reference("policy")
+    stage.setup(None)
+    batch = stage.collate(stage.train_examples[:4])
+    with torch.no_grad():
+        loss, metrics = stage.train_step(batch)
+        _, chosen_logps, mask = policy.completion_logprobs(batch, policy.encode_images(batch))
+    nll = -(chosen_logps[:4] / mask[:4].sum(-1))  # per-token NLL of each chosen answer
+    assert (nll > 0).all()
+    # Policy == reference at step 0, so each pair's DPO part is ln 2; RPO adds 0.5 x its NLL.
+    torch.testing.assert_close(loss, (torch.log(torch.tensor(2.0)) + 0.5 * nll).sum(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(metrics["nll/chosen"]), nll.mean(), atol=1e-5, rtol=0)

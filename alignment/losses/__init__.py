@@ -4,7 +4,7 @@ Shapes: B batch, T tokens, V vocabulary. ``mask`` is 1 on the tokens that count,
 Log-probs are natural log.
 """
 
-from .dpo import DPO_LOSS_TYPES, dpo_loss, dpo_sigmoid_loss, hinge_loss, ipo_loss
+from .dpo import DPO_LOSS_TYPES, dpo_loss, dpo_sigmoid_loss, hinge_loss, ipo_loss, rpo_nll
 from .kl import AdaptiveKLController, FixedKLController
 from .logprobs import entropy_from_logits, gather_logprobs, sequence_logprobs
 from .masked import masked_mean, masked_sum, masked_var, masked_whiten
@@ -42,6 +42,7 @@ __all__ = [
     "ppo_policy_loss_sum",
     "ppo_value_loss",
     "ppo_value_loss_sum",
+    "rpo_nll",
     "sequence_logprobs",
     "sft_loss",
     "sft_loss_sum",

@@ -74,3 +74,13 @@ def dpo_loss(
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     losses = DPO_LOSS_TYPES[loss_type](chosen_logratios - rejected_logratios, beta, label_smoothing)
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def rpo_nll(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """RPO's NLL term (Pang et al. 2024): each chosen answer's mean per-token NLL, ``[B]`` -> ``[B]``.
+
+    ``chosen_logps`` are per-sequence log-prob sums, ``chosen_lengths`` the number of completion
+    tokens in each (>= 1). Added as ``rpo_alpha * rpo_nll`` to the DPO loss, it keeps the chosen
+    answers likely while the margin grows (DPO alone can lower both).
+    """
+    return -chosen_logps / chosen_lengths.clamp(min=1)

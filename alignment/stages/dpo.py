@@ -13,8 +13,8 @@ from functools import partial
 import torch
 
 from alignment.data import collate_preference, collate_prompts
-from alignment.evaluate import answer_metrics, generate_answers
-from alignment.losses import dpo_loss
+from alignment.evaluate import answer_metrics, generate_answers, preference_metrics
+from alignment.losses import dpo_loss, rpo_nll
 from alignment.stages.base import Stage
 from alignment.stages.common import ensure_policy_adapter, to_device
 
@@ -68,16 +68,22 @@ class DPOStage(Stage):
                 self.reference_logps.update({i: (logps[k], logps[n + k]) for k, i in enumerate(batch["ids"])})
 
     def _pair_rewards(self, batch):
+        """Per-pair DPO losses [P], chosen and rejected rewards [P], chosen per-token NLL [P]."""
         policy_features, reference_features = self._encode(batch)
-        logps = self.policy.completion_logprobs(batch, policy_features)[1]
+        _, logps, mask = self.policy.completion_logprobs(batch, policy_features)
         ref = self._reference_logps(batch, reference_features)
         n = batch["num_pairs"]
-        return dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=self.config.beta,
-                        loss_type=self.config.loss_type, label_smoothing=self.config.label_smoothing)
+        losses, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=self.config.beta,
+                                            loss_type=self.config.loss_type,
+                                            label_smoothing=self.config.label_smoothing)
+        return losses, chosen, rejected, rpo_nll(logps[:n], mask[:n].sum(-1))
 
     def train_step(self, batch):
-        losses, chosen, rejected = self._pair_rewards(batch)
+        losses, chosen, rejected, nll = self._pair_rewards(batch)
+        if self.config.rpo_alpha:
+            losses = losses + self.config.rpo_alpha * nll
         return losses.sum(), {
+            "nll/chosen": nll.mean().item(),
             "rewards/chosen": chosen.mean().item(),
             "rewards/rejected": rejected.mean().item(),
             "rewards/margins": (chosen - rejected).mean().item(),
@@ -87,13 +93,15 @@ class DPOStage(Stage):
     def evaluate(self):
         pairs = self.eval_examples[: self.config.eval_examples]
         self.reference_logps = None
-        correct, losses = 0, []
+        chosen_rewards, rejected_rewards, losses = [], [], []
         for start in range(0, len(pairs), self.config.eval_batch_size):
             batch = self.collate(pairs[start : start + self.config.eval_batch_size])
-            loss, chosen, rejected = self._pair_rewards(batch)
-            correct += int((chosen > rejected).sum())
+            loss, chosen, rejected, _ = self._pair_rewards(batch)
+            chosen_rewards += chosen.tolist()
+            rejected_rewards += rejected.tolist()
             losses.append(loss.sum().item())
-        metrics = {"preference_accuracy": correct / max(1, len(pairs)), "loss": sum(losses) / max(1, len(pairs))}
+        metrics = preference_metrics(pairs, chosen_rewards, rejected_rewards)
+        metrics["loss"] = sum(losses) / max(1, len(pairs))
         predictions, references, kinds = generate_answers(
             self.policy, pairs,
             partial(collate_prompts, processor=self.policy.processor, **self.ctx.prompt_kwargs),

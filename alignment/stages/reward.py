@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from alignment.data import collate_preference
+from alignment.evaluate import preference_metrics
 from alignment.losses import bradley_terry_loss
 from alignment.stages.base import Stage
 from alignment.stages.common import lora_spec, to_device
@@ -114,7 +115,7 @@ class RewardModelStage(Stage):
         chosen, rejected = torch.cat(chosen), torch.cat(rejected)
         every = torch.cat([chosen, rejected])
         return {
-            "pairwise_accuracy": (chosen > rejected).float().mean().item(),
+            **preference_metrics(pairs, chosen.tolist(), rejected.tolist(), name="pairwise_accuracy"),
             "reward_std": every.std().item() if every.numel() > 1 else 0.0,
             "reward_mean": every.mean().item(),
             "reward_mean_chosen": chosen.mean().item(),
