@@ -44,19 +44,48 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    """LoRA settings of the trained adapters."""
+    """PEFT settings of the trained adapters (a stage's `lora:` block): LoRA by default, or another
+    method of the PEFT menu (`alignment/adapters/menu.py`) picked by `method`."""
 
-    r: int = 16  # rank
+    method: str = "lora"  # lora | qlora | dora | ia3 | loha | lora_fa | bitfit | prompt_tuning | bottleneck
+    r: int = 16  # rank (lora, qlora, dora, loha, lora_fa)
     alpha: int = 32  # scaling numerator (scale = alpha / r)
-    dropout: float = 0.0  # dropout on the LoRA input
-    preset: str = "language"  # language | cross_attention | vision | multimodal | all
+    dropout: float = 0.0  # dropout on the adapter's input (lora family, bottleneck)
+    preset: str = "language"  # where: language | cross_attention | vision | multimodal | all
+    dim: int = 16  # bottleneck: adapter dimension d (seed 003's best: 16)
+    groups: int = 2  # bottleneck: groups k of the up-projection (seed 003's best: 2); divides dim
+    scale: float = 1.0  # bottleneck: fixed scale of the adapter's output
+    visual_dim: int | None = None  # bottleneck: SwiGLU visual adapter width d_v in place of the projector (None: off)
+    num_virtual_tokens: int = 8  # prompt_tuning: trainable prompt length
 
     def __post_init__(self):
+        from alignment.adapters.menu import METHODS
         from alignment.policy import PRESETS
 
-        _positive(self, "r", "alpha")
+        _positive(self, "r", "alpha", "dim", "groups", "visual_dim", "num_virtual_tokens")
+        _check(self.method in METHODS, "lora.method", f"must be one of {list(METHODS)}, got {self.method!r}")
         _check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
         _check(self.preset in PRESETS, "lora.preset", f"must be one of {PRESETS}")
+        _check(self.dim % self.groups == 0, "lora.groups", f"must divide lora.dim ({self.dim}), got {self.groups}")
+
+
+SELECT_BY = ("diversity", "random")
+
+
+@dataclass
+class SelectConfig:
+    """Data pruning (seed 002): keep k training examples, chosen by greedy k-center on the policy's own
+    pooled image+text embeddings, images first, every category at least once."""
+
+    k: int = 1000  # examples kept
+    by: str = "diversity"  # diversity (greedy k-center) | random (the control)
+    prefer_images: bool = True  # pick examples that show an image before text-only ones
+    category_field: str | None = None  # field every value of which is covered once (None: category, else kind)
+    batch_size: int = 32  # examples per embedding forward
+
+    def __post_init__(self):
+        _positive(self, "k", "batch_size")
+        _check(self.by in SELECT_BY, "data.select.by", f"must be one of {SELECT_BY}, got {self.by!r}")
 
 
 @dataclass
@@ -65,7 +94,7 @@ class DataConfig:
 
     source: str = "synthetic_bookcover"  # synthetic_bookcover, a local file/folder, or a hub dataset
     path: str | None = None  # alias for source when it is a local path
-    format: str | None = None  # ocrvqa | messages | preference | rlaifv; detected when unset
+    format: str | None = None  # ocrvqa | messages | preference | rlaifv | scienceqa; detected when unset
     num_covers: int = 700  # synthetic covers to generate
     seed: int = 0  # data generation and pairing seed
     eval_fraction: float = 0.15  # held-out covers when the source has no eval split
@@ -76,6 +105,7 @@ class DataConfig:
     on_error: str = "error"  # error | skip: what a bad row does
     sft_verbose_fraction: float = 0.1  # share of SFT answers that explain (by question phrasing, as raw data does)
     verbose_fraction: float = 0.5  # share of rejected answers that are verbose (rest: wrong)
+    select: SelectConfig | None = None  # keep only k training examples (seed 002's pruning); None: all
 
     def __post_init__(self):
         if self.path is not None:
@@ -155,6 +185,19 @@ class DPOConfig(StageConfig):
 
 
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "dpo": DPOConfig}
+
+
+@dataclass
+class ProjectorConfig(StageConfig):
+    """LLaVA's first phase (seed 002): only the multi-modal projector (Mllama: and the cross-attention
+    gates) trains, on SFT's loss; chain it before `sft`. Its weights stay in the base afterwards."""
+
+    type: str = "projector"
+    lr: float = 1e-3  # seed 002's projector learning rate
+    blind_control: bool = True  # also evaluate with every image blanked
+
+
+STAGE_CONFIGS["projector"] = ProjectorConfig
 
 
 @dataclass

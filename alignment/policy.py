@@ -1,4 +1,10 @@
-"""`MultimodalPolicy`: one base VLM (4-bit or not) with named LoRA adapters and scalar heads.
+"""`MultimodalPolicy`: one base VLM (4-bit or not) with named adapters and scalar heads.
+
+Adapters are LoRA by default; `LoraSpec.method` picks another from the PEFT menu
+(`alignment.adapters.menu`: dora, ia3, loha, lora_fa, qlora through PEFT; bitfit, prompt tuning and
+seed 003's Bottleneck Adapter kept beside the base). Several named adapters coexist when they are
+of one kind (all PEFT of one type, or all of one own method); base weights trained in full (the
+`projector` stage's) sit under any of them and travel with every adapter saved afterwards.
 
 One base serves every role of post-training:
 - the actor / policy: a trainable adapter (`policy`);
@@ -15,6 +21,7 @@ inputs for N images, and for Mllama `cross_attention_mask [B,T,1,tiles]`.
 
 from __future__ import annotations
 
+import json
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,21 +37,35 @@ PRESETS = ("language", "cross_attention", "vision", "multimodal", "all")
 PIXEL_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
 ADAPTER_FILE = "adapter_model.safetensors"
 REFERENCE = "reference"
+TUNER_KEY = re.compile(r"lora_|ia3_|hada_")
 HEAD_FILE = "head.safetensors"
+METHOD_FILE = "adapter_method.json"  # the menu method of a PEFT adapter that is not plain lora
+BASE_WEIGHTS_FILE = "base_weights.safetensors"  # base weights trained in full (projector stage), carried along
+BASE_WEIGHTS_CONFIG = "base_weights.json"
 
 
 @dataclass
 class LoraSpec:
-    """LoRA settings of one adapter."""
+    """Settings of one adapter: LoRA's, or another method's of the PEFT menu."""
 
+    method: str = "lora"  # lora | qlora | dora | ia3 | loha | lora_fa | bitfit | prompt_tuning | bottleneck
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
     preset: str = "language"  # language | cross_attention | vision | multimodal | all
     target_modules: list[str] | None = None  # exact module names; overrides the preset
     extra_trainable: list[str] = field(default_factory=list)  # regexes of base params trained in full
+    dim: int = 16  # bottleneck: adapter dimension d
+    groups: int = 2  # bottleneck: groups k of the up-projection
+    scale: float = 1.0  # bottleneck: fixed scale s of the adapter's output
+    visual_dim: int | None = None  # bottleneck: SwiGLU visual adapter width d_v (None: keep the projector)
+    num_virtual_tokens: int = 8  # prompt_tuning: prompt length n
 
     def __post_init__(self):
+        from alignment.adapters.menu import METHODS
+
+        if self.method not in METHODS + ("base_weights",):
+            raise ValueError(f"adapter method must be one of {METHODS}, got {self.method!r}")
         if self.preset not in PRESETS:
             raise ValueError(f"lora preset must be one of {PRESETS}, got {self.preset!r}")
         if self.r <= 0:
@@ -82,6 +103,9 @@ class MultimodalPolicy(nn.Module):
         self.heads = nn.ModuleDict()
         self.trainable_adapters: set[str] = set()
         self.active_adapter: str | None = None
+        self.own = nn.ModuleDict()  # method -> OwnAdapters (bitfit, prompt_tuning, bottleneck, base_weights)
+        self.adapter_methods: dict[str, str] = {}  # adapter name -> menu method
+        self.adapter_specs: dict[str, LoraSpec] = {}
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -123,21 +147,36 @@ class MultimodalPolicy(nn.Module):
     def hidden_size(self) -> int:
         return self.config.get_text_config().hidden_size
 
+    @property
+    def quantization(self) -> str:
+        """none | 4bit | 8bit, read from the base's layers."""
+        kinds = {type(m).__name__ for m in self.base_model.modules()}
+        return "4bit" if "Linear4bit" in kinds else "8bit" if "Linear8bitLt" in kinds else "none"
+
     # ---------------------------------------------------------------- adapters
     def add_adapter(self, name: str, spec: LoraSpec, trainable: bool = True, head: bool = False) -> list[str]:
-        """Add a LoRA adapter (and optionally a scalar head); returns the targeted module names."""
-        from peft import LoraConfig, get_peft_model
+        """Add an adapter of `spec.method` (and optionally a scalar head); returns the targeted module
+        names. Refuses (ValueError) a method the base cannot run, and mixing kinds of adapters."""
+        from alignment.adapters.menu import PEFT_METHODS, check_method, own_adapters_class, peft_config
 
-        targets = spec.target_modules or resolve_preset(self.base_model, spec.preset)
-        config = LoraConfig(
-            r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets, bias="none"
-        )
-        if hasattr(self.model, "peft_config"):
-            if name in self.model.peft_config:
-                raise ValueError(f"adapter {name!r} exists already")
-            self.model.add_adapter(name, config)
+        if name in self.adapter_methods:
+            raise ValueError(f"adapter {name!r} exists already")
+        method = spec.method
+        if method != "base_weights":
+            check_method(method, self.quantization)
+            kinds = {self._kind(m) for n, m in self.adapter_methods.items() if m != "base_weights"}
+            if kinds - {self._kind(method)}:
+                raise ValueError(f"adapter {name!r} ({method}) cannot join adapters {self.adapters} of another "
+                                 f"kind ({sorted(kinds)}): one model holds adapters of one PEFT type or one own method")
+        if method in PEFT_METHODS:
+            targets = spec.target_modules or resolve_preset(self.base_model, spec.preset)
+            self._add_peft(name, peft_config(spec, targets))
         else:
-            self.model = get_peft_model(self.model, config, adapter_name=name)
+            if method not in self.own:
+                self.own[method] = own_adapters_class(method)(self.base_model)
+            targets = self.own[method].add(name, spec)
+        self.adapter_methods[name] = method
+        self.adapter_specs[name] = spec
         if trainable:
             self.trainable_adapters.add(name)
         if head:
@@ -147,18 +186,57 @@ class MultimodalPolicy(nn.Module):
         self.set_adapter(name)
         return targets
 
+    def _add_peft(self, name: str, config) -> None:
+        from peft import get_peft_model
+
+        if hasattr(self.model, "peft_config"):
+            self.model.add_adapter(name, config)
+        else:
+            self.model = get_peft_model(self.model, config, adapter_name=name)
+
+    @staticmethod
+    def _kind(method: str) -> str:
+        from alignment.adapters.menu import PEFT_METHODS
+
+        peft_types = {"ia3": "IA3", "loha": "LOHA"}
+        return f"peft:{peft_types.get(method, 'LORA')}" if method in PEFT_METHODS else method
+
+    def _own_of(self, name: str):
+        method = self.adapter_methods.get(name)
+        return self.own[method] if method in self.own else None
+
     @property
     def adapters(self) -> list[str]:
-        return list(getattr(self.model, "peft_config", {}))
+        return list(getattr(self.model, "peft_config", {})) + [n for own in self.own.values() for n in own.names]
 
     def set_adapter(self, name: str) -> None:
-        """Make `name` the adapter that forwards use; trainability of every adapter is kept."""
-        self.model.set_adapter(name)
+        """Make `name` the adapter that forwards use; trainability of every adapter is kept
+        (lora_fa's A stays frozen; base weights are always on)."""
+        from alignment.adapters.menu import TUNER_PARAM
+
+        method = self.adapter_methods.get(name, "lora")
+        if method != "base_weights":
+            if name in getattr(self.model, "peft_config", {}):
+                self.model.set_adapter(name)
+            for own in self.own.values():
+                own.set_active(name if name in own.names else None)
         self.active_adapter = name
         for param_name, param in self.model.named_parameters():
-            match = re.search(r"\.lora_\w+\.([^.]+)\.", param_name)
+            match = TUNER_PARAM.search(param_name)
             if match:
-                param.requires_grad_(match.group(1) in self.trainable_adapters)
+                adapter = match.group(2)
+                frozen_a = self.adapter_methods.get(adapter) == "lora_fa" and match.group(1) == "lora_A"
+                param.requires_grad_(adapter in self.trainable_adapters and not frozen_a)
+        for own in self.own.values():
+            for adapter in own.names:
+                for param in own.parameters_of(adapter):
+                    param.requires_grad_(adapter in self.trainable_adapters)
+
+    def freeze_adapter(self, name: str) -> None:
+        """Stop training adapter `name` (its weights stay in use)."""
+        self.trainable_adapters.discard(name)
+        if self.active_adapter is not None:
+            self.set_adapter(self.active_adapter)
 
     @contextmanager
     def use_adapter(self, name: str):
@@ -174,30 +252,38 @@ class MultimodalPolicy(nn.Module):
     def reference(self):
         """The reference model: the frozen `reference` adapter when one exists (a copy of the
         adapter a stage started from, e.g. SFT's for DPO), else every adapter off (the base)."""
+        from contextlib import ExitStack
+
         if REFERENCE in self.adapters:
             with self.use_adapter(REFERENCE):
                 yield self
-        elif hasattr(self.model, "disable_adapter"):
-            with self.model.disable_adapter():
-                yield self
-        else:
+            return
+        with ExitStack() as stack:
+            if hasattr(self.model, "disable_adapter"):
+                stack.enter_context(self.model.disable_adapter())
+            for own in self.own.values():
+                stack.enter_context(own.disabled())
             yield self
 
     def freeze_reference(self, source: str) -> None:
         """Make a frozen `reference` adapter holding a copy of adapter `source`."""
         if REFERENCE not in self.adapters:
-            config = self.model.peft_config[source]
-            self.model.add_adapter(REFERENCE, config)
+            if source in getattr(self.model, "peft_config", {}):
+                self.model.add_adapter(REFERENCE, self.model.peft_config[source])
+                self.adapter_methods[REFERENCE] = self.adapter_methods.get(source, "lora")
+            else:
+                self.add_adapter(REFERENCE, self.adapter_specs[source], trainable=False)
             self.set_adapter(source)
         self.copy_adapter(source, REFERENCE)
 
     @property
     def vision_is_adapted(self) -> bool:
         """True when an adapter touches the vision tower or projector (features then differ per adapter)."""
-        return any(
-            "lora_" in n and re.search(r"vision_model|vision_tower|multi_modal_projector", n)
-            for n, _ in self.model.named_parameters()
-        )
+        from alignment.adapters.menu import TUNER_PARAM
+
+        vision = r"vision_model|vision_tower|multi_modal_projector"
+        return any(TUNER_PARAM.search(n) and re.search(vision, n) for n, _ in self.model.named_parameters()) or any(
+            own.touches_vision(n) for own in self.own.values() for n in own.names)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -209,9 +295,22 @@ class MultimodalPolicy(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.model.peft_config[name].save_pretrained(str(folder))
-        state = get_peft_model_state_dict(self.model, adapter_name=name)
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / ADAPTER_FILE))
+        own = self._own_of(name)
+        if own is not None:
+            own.save(name, folder)
+        else:
+            self.model.peft_config[name].save_pretrained(str(folder))
+            state = get_peft_model_state_dict(self.model, adapter_name=name)
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / ADAPTER_FILE))
+            method = self.adapter_methods.get(name, "lora")
+            if method != "lora":
+                (folder / METHOD_FILE).write_text(json.dumps({"method": method}))
+        base = self.own["base_weights"] if "base_weights" in self.own else None
+        if base is not None and own is not base:
+            (base_name,) = base.names
+            save_file({k: v.detach().cpu().contiguous() for k, v in base.state_of(base_name).items()},
+                      str(folder / BASE_WEIGHTS_FILE))
+            (folder / BASE_WEIGHTS_CONFIG).write_text(json.dumps({"name": base_name, **base.configs[base_name]}))
         if name in self.heads:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.heads[name].state_dict().items()},
                       str(folder / HEAD_FILE))
@@ -219,22 +318,43 @@ class MultimodalPolicy(nn.Module):
 
     def load_adapter(self, name: str, folder: str | Path, trainable: bool = True) -> None:
         """Load (or overwrite) adapter `name` from a folder written by `save_adapter` or PEFT."""
-        from peft import LoraConfig, set_peft_model_state_dict
+        from peft import PeftConfig, set_peft_model_state_dict
         from safetensors.torch import load_file
+
+        from alignment.adapters.base import read_config
+        from alignment.adapters.menu import method_of_peft_type
 
         folder = Path(folder)
         if not (folder / ADAPTER_FILE).exists():
             raise FileNotFoundError(f"no {ADAPTER_FILE} in {folder}")
-        config = LoraConfig.from_pretrained(str(folder))
-        if name not in self.adapters:
-            spec = LoraSpec(r=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                            target_modules=sorted(config.target_modules))
-            self.add_adapter(name, spec, trainable=trainable)
+        if (folder / BASE_WEIGHTS_FILE).exists():  # base weights trained in an earlier stage come first
+            self._load_base_weights(json.loads((folder / BASE_WEIGHTS_CONFIG).read_text()),
+                                    load_file(str(folder / BASE_WEIGHTS_FILE), device=str(self.device)), folder)
+        saved = read_config(folder)
+        own_method = method_of_peft_type(saved.get("peft_type", ""))
         state = load_file(str(folder / ADAPTER_FILE), device=str(self.device))
-        result = set_peft_model_state_dict(self.model, state, adapter_name=name)
-        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-        if unexpected:
-            raise ValueError(f"adapter in {folder} does not fit this model: unexpected keys {unexpected[:3]}")
+        if own_method == "base_weights":
+            self._load_base_weights({"name": name, **saved}, state, folder, trainable)
+        elif own_method is not None:
+            if name not in self.adapters:
+                fields = {k: saved[k] for k in ("dim", "groups", "scale", "dropout", "preset", "visual_dim",
+                                                "num_virtual_tokens", "target_modules") if k in saved}
+                self.add_adapter(name, LoraSpec(method=own_method, **fields), trainable=trainable)
+            self._own_of(name).load_state_of(name, state, str(folder))
+        else:
+            if name not in self.adapters:
+                config = PeftConfig.from_pretrained(str(folder))
+                method = json.loads((folder / METHOD_FILE).read_text())["method"] if (folder / METHOD_FILE).exists() \
+                    else "dora" if getattr(config, "use_dora", False) else {"IA3": "ia3", "LOHA": "loha"}.get(
+                        str(getattr(config.peft_type, "value", config.peft_type)), "lora")
+                self._add_peft(name, config)
+                self.adapter_methods[name] = method
+                if trainable:
+                    self.trainable_adapters.add(name)
+            result = set_peft_model_state_dict(self.model, state, adapter_name=name)
+            unexpected = [k for k in getattr(result, "unexpected_keys", []) if TUNER_KEY.search(k)]
+            if unexpected:
+                raise ValueError(f"adapter in {folder} does not fit this model: unexpected keys {unexpected[:3]}")
         if (folder / HEAD_FILE).exists():
             head_state = load_file(str(folder / HEAD_FILE), device=str(self.device))
             if name not in self.heads:
@@ -244,12 +364,24 @@ class MultimodalPolicy(nn.Module):
             self.trainable_adapters.add(name)
         self.set_adapter(name)
 
+    def _load_base_weights(self, config: dict, state: dict, folder: Path, trainable: bool = False) -> None:
+        """Base weights (the projector stage's) into the base, creating their named set if needed."""
+        name = config["name"]
+        if "base_weights" not in self.own or name not in self.own["base_weights"].names:
+            self.add_adapter(name, LoraSpec(method="base_weights", target_modules=config["target_modules"]),
+                             trainable=trainable)
+        self.own["base_weights"].load_state_of(name, state, str(folder))
+
     def copy_adapter(self, source: str, target: str) -> None:
-        """Copy the LoRA weights (and head) of `source` into the existing adapter `target`."""
+        """Copy the adapter weights (and head) of `source` into the existing adapter `target`."""
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        state = get_peft_model_state_dict(self.model, adapter_name=source)
-        set_peft_model_state_dict(self.model, state, adapter_name=target)
+        own = self._own_of(source)
+        if own is not None:
+            own.copy(source, target)
+        else:
+            state = get_peft_model_state_dict(self.model, adapter_name=source)
+            set_peft_model_state_dict(self.model, state, adapter_name=target)
         if source in self.heads and target in self.heads:
             self.heads[target].load_state_dict(self.heads[source].state_dict())
 

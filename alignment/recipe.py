@@ -112,6 +112,9 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>") -> RecipeConfig:
         values = {k: _coerce(hints[k], v, k) for k, v in raw.items()}
         recipe = RecipeConfig(**values, stages=built)
         _check_stage_order(recipe)
+        from alignment.adapters.menu import check_recipe
+
+        check_recipe(recipe)
         return recipe
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
@@ -203,20 +206,30 @@ def model_dtype(recipe: RecipeConfig):
     return getattr(torch, recipe.model.dtype)
 
 
-def build_data(recipe: RecipeConfig, stage: StageConfig, processor):
-    """(train, eval, validation report) for one stage: QA examples for sft, pairs for dpo/reward/ppo."""
+def build_data(recipe: RecipeConfig, stage: StageConfig, processor, policy=None):
+    """(train, eval, validation report) for one stage: QA examples for sft, pairs for dpo/reward/ppo;
+    with `data.select` and a `policy`, the training examples are pruned on its embeddings."""
     from alignment.data import build_datasets
     from alignment.data.catalog import DEFAULT_INSTRUCTION
 
     data = recipe.data
-    task = "sft" if stage.type in ("sft", "ppo") else "preference"
-    return build_datasets(
+    task = "sft" if stage.type in ("sft", "ppo", "projector") else "preference"
+    train, evaluation, report = build_datasets(
         data.source, format=data.format, task=task, eval_fraction=data.eval_fraction,
         num_covers=data.num_covers, seed=data.seed, max_train_samples=data.max_train_examples,
         max_eval_samples=data.max_eval_examples, verbose_fraction=data.verbose_fraction,
         sft_verbose_fraction=data.sft_verbose_fraction, instruction=data.instruction or DEFAULT_INSTRUCTION,
         validation=data.on_error, tokenizer=processor.tokenizer, max_length=data.max_length,
     )
+    if data.select is not None and policy is None:
+        print(f"[{stage.name}] data.select: {data.select.k} of the {len(train)} training examples by "
+              f"{data.select.by}, chosen when the run starts (on the policy's embeddings)")
+    if data.select is not None and policy is not None:  # seed 002's pruning, on the policy's embeddings
+        from alignment.data.pruning import select_for_recipe
+
+        train = select_for_recipe(train, data.select, policy, data.seed, instruction=data.instruction or DEFAULT_INSTRUCTION,
+                                  max_length=data.max_length)
+    return train, evaluation, report
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
@@ -260,7 +273,7 @@ def run_recipe(recipe: RecipeConfig, dry_run: bool = False, accelerator=None) ->
     instruction = recipe.data.instruction or DEFAULT_INSTRUCTION
     datasets = {}
     for stage in recipe.stages:
-        datasets[stage.name] = build_data(recipe, stage, policy.processor)
+        datasets[stage.name] = build_data(recipe, stage, policy.processor, None if dry_run else policy)
         train, evaluation, report = datasets[stage.name]
         if accelerator.is_main_process:
             tqdm.write(f"[{stage.name}] data: {len(train)} train, {len(evaluation)} eval; {report.summary()}")

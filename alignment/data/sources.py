@@ -10,6 +10,9 @@ from typing import Any
 from alignment.data.catalog import DEFAULT_INSTRUCTION
 from alignment.data.errors import DataSourceError
 from alignment.data.loaders import load_examples
+from alignment.data.scienceqa import is_scienceqa, load_scienceqa
+from alignment.data.scienceqa_fixture import FIXTURE as SCIENCEQA_FIXTURE
+from alignment.data.scienceqa_fixture import scienceqa_fixture_path
 from alignment.data.synthetic import synthetic_bookcover_path
 from alignment.data.transforms import image_blind, make_preference_pairs, sft_verbose_mix
 from alignment.data.validate import ValidationReport, check_policy, validate_examples
@@ -66,6 +69,29 @@ def _as_sft(examples: list[dict]) -> list[dict]:
             for e in examples]
 
 
+def _build_scienceqa(source, task, train_split, eval_split, eval_fraction, seed, max_train_samples,
+                     max_eval_samples, validation, tokenizer, max_length, image_seq_length, instruction):
+    """`build_datasets` for ScienceQA-format data (alignment/data/scienceqa.py): SFT only."""
+    from pathlib import Path
+
+    if task != "sft":
+        raise DataSourceError(f"{source}: ScienceQA gives multiple-choice SFT examples, not preference pairs; "
+                              "use it with sft or projector stages")
+    examples = load_scienceqa(source)
+    if not examples:
+        raise DataSourceError(f"{source}: no ScienceQA problems")
+    train, evaluation = _splits(examples, train_split, eval_split, eval_fraction, str(source))
+    train = _subsample(train, max_train_samples, seed)
+    evaluation = _subsample(evaluation, max_eval_samples, seed + 1)
+    path = Path(source)
+    report = ValidationReport()
+    checks = dict(policy=validation, base_dir=path if path.is_dir() else path.parent, tokenizer=tokenizer,
+                  max_length=max_length, image_seq_length=image_seq_length, instruction=instruction, report=report)
+    train, _ = validate_examples(train, **checks)
+    evaluation, _ = validate_examples(evaluation, **checks)
+    return train, evaluation, report
+
+
 def build_datasets(
     source: str | os.PathLike = SYNTHETIC,
     *,
@@ -93,7 +119,9 @@ def build_datasets(
     """(train examples, eval examples, validation report) for one data config.
 
     ``source`` is "synthetic_bookcover" (``num_covers`` covers of ``image_size`` px drawn with
-    ``seed``, cached under ``cache_dir``), a local file or folder, or a hub dataset name;
+    ``seed``, cached under ``cache_dir``), "scienceqa_fixture" (a generated ScienceQA-format folder of
+    ``num_covers`` problems), a local file or folder (ScienceQA's problems.json or parquet included:
+    format "scienceqa"), or a hub dataset name;
     ``format`` is detected from the columns when None. Splits come from the rows' tags
     (``set_name``/``split`` column, hub splits); without them, or without an eval split,
     ``eval_fraction`` of the covers go to eval. ``task="sft"`` gives SFT examples, with
@@ -109,6 +137,11 @@ def build_datasets(
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if str(source) == SYNTHETIC:
         source, format = synthetic_bookcover_path(num_covers, seed, image_size, cache_dir=cache_dir), "ocrvqa"
+    if str(source) == SCIENCEQA_FIXTURE:
+        source, format = scienceqa_fixture_path(num_covers, seed, cache_dir=cache_dir), "scienceqa"
+    if format == "scienceqa" or (format is None and is_scienceqa(source)):
+        return _build_scienceqa(source, task, train_split, eval_split, eval_fraction, seed, max_train_samples,
+                                max_eval_samples, validation, tokenizer, max_length, image_seq_length, instruction)
     report = ValidationReport()
     examples, table = load_examples(source, format, policy=validation, report=report, max_rows=max_rows)
     if not examples:

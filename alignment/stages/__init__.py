@@ -3,10 +3,12 @@
 from alignment.stages.base import NonFiniteLossError, RunContext, Stage
 from alignment.stages.dpo import DPOStage
 from alignment.stages.ppo import PPOStage
+from alignment.stages.projector import ProjectorStage
 from alignment.stages.reward import RewardModelStage
 from alignment.stages.sft import SFTStage
 
-STAGES: dict[str, type[Stage]] = {"sft": SFTStage, "dpo": DPOStage, "reward": RewardModelStage, "ppo": PPOStage}
+STAGES: dict[str, type[Stage]] = {"sft": SFTStage, "dpo": DPOStage, "reward": RewardModelStage, "ppo": PPOStage,
+                                  "projector": ProjectorStage}
 
-__all__ = ["STAGES", "DPOStage", "NonFiniteLossError", "PPOStage", "RewardModelStage", "RunContext", "SFTStage",
-           "Stage"]
+__all__ = ["STAGES", "DPOStage", "NonFiniteLossError", "PPOStage", "ProjectorStage", "RewardModelStage",
+           "RunContext", "SFTStage", "Stage"]

@@ -38,6 +38,12 @@ class SFTStage(Stage):
                          batch_size=self.config.eval_batch_size, max_new_tokens=self.config.max_new_tokens)
         predictions, references, kinds = answer(examples)
         metrics = answer_metrics(predictions, references, kinds)
+        if examples and all("answer_index" in e for e in examples):  # ScienceQA: seed 003's table
+            from alignment.scienceqa import format_table, scienceqa_metrics, scienceqa_scores
+
+            metrics.update(scienceqa_metrics(examples, predictions))
+            print(f"[{self.config.name}] ScienceQA accuracy (%), {len(examples)} questions:\n"
+                  f"{format_table(scienceqa_scores(examples, predictions), self.config.name)}")
         if self.config.blind_control:
             blind, _, _ = answer(image_blind(examples))
             metrics.update(answer_metrics(blind, references, prefix="blind_"))

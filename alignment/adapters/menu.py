@@ -1,0 +1,97 @@
+"""The PEFT menu (seeds 001 and 004): which method builds which adapter, and on which base.
+
+| method        | what trains                                  | built by                       | 4-bit base |
+| ------------- | -------------------------------------------- | ------------------------------ | ---------- |
+| lora          | A [r, in], B [out, r] per targeted linear     | peft `LoraConfig`              | yes        |
+| qlora         | lora on the 4-bit NF4 base (needs 4bit)       | peft `LoraConfig`              | required   |
+| dora          | lora + a magnitude vector [out] per linear    | peft `LoraConfig(use_dora)`    | yes        |
+| ia3           | a scaling vector per linear (in for MLPs)     | peft `IA3Config`               | yes        |
+| loha          | Hadamard product of two low-rank pairs        | peft `LoHaConfig`              | no (*)     |
+| lora_fa       | lora with A frozen at its random init: B only | peft `LoraConfig` + freezing A | yes        |
+| bitfit        | the biases                                    | `adapters.bitfit`              | yes        |
+| prompt_tuning | n virtual-token embeddings [n, hidden]        | peft `PromptEmbedding` + hooks | yes        |
+| bottleneck    | seed 003's Bottleneck Adapter (+ visual)      | `adapters.bottleneck`          | yes        |
+
+(*) PEFT's LoHa wraps a bitsandbytes `Linear4bit` (a `nn.Linear` subclass) but builds its update
+from the packed 4-bit weight's shape, and the forward fails (`mat1 and mat2 shapes cannot be
+multiplied (4x192 and 1x18432)` on tiny-mllama): a recipe with it on a 4-bit base is refused.
+
+LoRA-FA here freezes A, as the seed describes; PEFT's `LoraFAOptimizer` additionally projects
+B's gradient, which needs an optimizer swap the shared loop does not make.
+"""
+
+from __future__ import annotations
+
+import re
+
+PEFT_METHODS = ("lora", "qlora", "dora", "ia3", "loha", "lora_fa")
+OWN_METHODS = ("bitfit", "prompt_tuning", "bottleneck")
+METHODS = PEFT_METHODS + OWN_METHODS
+NOT_ON_4BIT = {"loha": "PEFT's LoHa cannot wrap bitsandbytes 4-bit layers"}
+NEEDS_4BIT = {"qlora": "qlora is LoRA on the 4-bit base"}
+# Which PEFT parameter names belong to a tuner, and to which adapter: `.lora_A.policy.weight`,
+# `.lora_magnitude_vector.policy.weight`, `.ia3_l.policy`, `.hada_w1_a.policy`.
+TUNER_PARAM = re.compile(r"\.(lora_\w+|ia3_\w+|hada_\w+)\.([^.]+)(\.|$)")
+
+
+def check_method(method: str, quantization: str, where: str = "lora.method") -> None:
+    """`ConfigError` naming `where` when `method` cannot run with `model.quantization`."""
+    from alignment.config import ConfigError
+
+    if method not in METHODS:
+        raise ConfigError(f"{where}: unknown method {method!r}; valid: {list(METHODS)}")
+    if quantization != "none" and method in NOT_ON_4BIT:
+        raise ConfigError(f"{where}: {method} cannot run on the {quantization} base ({NOT_ON_4BIT[method]}); "
+                          "set model.quantization: none")
+    if quantization != "4bit" and method in NEEDS_4BIT:
+        raise ConfigError(f"{where}: {NEEDS_4BIT[method]}; set model.quantization: 4bit (or use method lora)")
+
+
+def peft_config(spec, targets: list[str]):
+    """The PEFT config of a `LoraSpec` whose method is one of `PEFT_METHODS`."""
+    from peft import IA3Config, LoHaConfig, LoraConfig
+
+    if spec.method in ("lora", "qlora", "lora_fa", "dora"):
+        return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
+                          bias="none", use_dora=spec.method == "dora")
+    if spec.method == "ia3":
+        # (IA)^3 scales the input of feed-forward layers and the output of the others.
+        feedforward = [t for t in targets if re.search(r"mlp\.(down_proj|fc2)$|linear_2$", t)]
+        return IA3Config(target_modules=targets, feedforward_modules=feedforward)
+    if spec.method == "loha":
+        return LoHaConfig(r=spec.r, alpha=spec.alpha, rank_dropout=0.0, module_dropout=0.0, target_modules=targets)
+    raise ValueError(f"{spec.method!r} is not a PEFT method ({PEFT_METHODS})")
+
+
+def own_adapters_class(method: str):
+    """The `OwnAdapters` subclass of a method PEFT does not provide."""
+    from alignment.adapters.base_weights import BaseWeights
+    from alignment.adapters.bitfit import BitFitAdapters
+    from alignment.adapters.bottleneck import BottleneckAdapters
+    from alignment.adapters.prompt import PromptAdapters
+
+    classes = {"bitfit": BitFitAdapters, "prompt_tuning": PromptAdapters, "bottleneck": BottleneckAdapters,
+               "base_weights": BaseWeights}
+    return classes[method]
+
+
+def method_of_peft_type(peft_type: str) -> str | None:
+    """The own method a saved `peft_type` names (None: a PEFT adapter)."""
+    return {"BITFIT": "bitfit", "VLM_PROMPT_TUNING": "prompt_tuning", "BOTTLENECK": "bottleneck",
+            "BASE_WEIGHTS": "base_weights"}.get(peft_type)
+
+
+def check_recipe(recipe) -> None:
+    """Recipe-level checks of adapters: each stage's method against `model.quantization`, and a
+    `projector` stage only at the start (before the stages whose adapters it sits under)."""
+    from alignment.config import ConfigError
+
+    seen_other = False
+    for i, stage in enumerate(recipe.stages):
+        lora = getattr(stage, "lora", None)
+        if lora is not None:
+            check_method(lora.method, recipe.model.quantization, f"stages.{i}.lora.method")
+        if stage.type == "projector" and seen_other:
+            raise ConfigError(f"stages.{i}: a projector stage must come before the other stages (LLaVA's order: "
+                              "projector, then sft)")
+        seen_other |= stage.type != "projector"
