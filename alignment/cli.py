@@ -118,7 +118,8 @@ def _guarded(command, args) -> int:
 
 # ----------------------------------------------------------------------------- train
 def train_main(argv: list[str]) -> int:
-    return _guarded(_train, _train_parser().parse_args(argv))
+    # Intermixed: `RECIPE --dry-run key=value` works as well as `RECIPE key=value --dry-run`.
+    return _guarded(_train, _train_parser().parse_intermixed_args(argv))
 
 
 def _train(args) -> int:
@@ -347,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR
+    if argv[0] == "train":
+        return train_main(argv[1:])
     args = parser.parse_args(argv)
     return _guarded(COMMANDS[args.command], args)
 

@@ -140,3 +140,16 @@ def test_report_to_is_checked_and_honoured(tmp_path):
     writer.add_scalar("sft/loss", 1.0, 1)
     writer.close()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+TINY_RECIPES = sorted(p for p in __import__("pathlib").Path(__file__).parents[1].joinpath("recipes").glob("*.yaml")
+                      if "tiny-" in p.read_text())
+
+
+@pytest.mark.parametrize("path", TINY_RECIPES, ids=lambda p: p.stem)
+def test_every_tiny_recipe_passes_dry_run_with_options_anywhere(path, tmp_path, capsys):
+    """`--dry-run` validates recipe, model and data; it may come before or after the overrides."""
+    out = tmp_path / "run"
+    assert main(["train", str(path), "--dry-run", f"output_dir={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert "dry run ok" in printed and not out.joinpath("report.json").exists()  # validated, trained nothing
