@@ -105,6 +105,7 @@ class DataConfig:
     on_error: str = "error"  # error | skip: what a bad row does
     sft_verbose_fraction: float = 0.1  # share of SFT answers that explain (by question phrasing, as raw data does)
     verbose_fraction: float = 0.5  # share of rejected answers that are verbose (rest: wrong)
+    off_kind_fraction: float = 0.0  # share of wrong rejections answering another kind of question (training pairs)
     select: SelectConfig | None = None  # keep only k training examples (seed 002's pruning); None: all
 
     def __post_init__(self):
@@ -113,7 +114,7 @@ class DataConfig:
         _positive(self, "num_covers", "max_length", "max_train_examples", "max_eval_examples")
         _check(0 <= self.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
         _check(self.on_error in ON_ERROR, "data.on_error", f"must be one of {ON_ERROR}")
-        for name in ("sft_verbose_fraction", "verbose_fraction"):
+        for name in ("sft_verbose_fraction", "verbose_fraction", "off_kind_fraction"):
             _check(0 <= getattr(self, name) <= 1, f"data.{name}", "must be in [0, 1]")
 
 

@@ -218,6 +218,7 @@ def build_data(recipe: RecipeConfig, stage: StageConfig, processor, policy=None)
         data.source, format=data.format, task=task, eval_fraction=data.eval_fraction,
         num_covers=data.num_covers, seed=data.seed, max_train_samples=data.max_train_examples,
         max_eval_samples=data.max_eval_examples, verbose_fraction=data.verbose_fraction,
+        off_kind_fraction=data.off_kind_fraction,
         sft_verbose_fraction=data.sft_verbose_fraction, instruction=data.instruction or DEFAULT_INSTRUCTION,
         validation=data.on_error, tokenizer=processor.tokenizer, max_length=data.max_length,
     )

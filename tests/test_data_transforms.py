@@ -140,3 +140,24 @@ def test_pairs_always_differ(rows, fraction, seed):
                  "kind": question_kind(q, a.strip())} for i, (q, a) in enumerate(rows)]
     for pair in make_preference_pairs(examples, verbose_fraction=fraction, seed=seed):
         assert pair["rejected"] != pair["chosen"] and pair["chosen"] == pair["answer"]
+
+
+def test_off_kind_rejections_answer_another_kind_and_leave_the_rest_alone():
+    from alignment.evaluate import rejection_type
+
+    examples = qa_examples(200)
+    plain = make_preference_pairs(examples, verbose_fraction=0.5, seed=0)
+    assert make_preference_pairs(examples, verbose_fraction=0.5, seed=0, off_kind_fraction=0.0) == plain
+    mixed = make_preference_pairs(examples, verbose_fraction=0.5, seed=0, off_kind_fraction=0.5)
+    answers_of = {}
+    for e in examples:
+        answers_of.setdefault(e["kind"], set()).add(e["answer"])
+    changed = [(p, m) for p, m in zip(plain, mixed) if p != m]
+    wrong = [p for p in plain if rejection_type(p["chosen"], p["rejected"]) == "wrong"]
+    assert 0.3 * len(wrong) < len(changed) < 0.7 * len(wrong)  # about half of the wrong ones
+    for before, after in changed:
+        assert rejection_type(before["chosen"], before["rejected"]) == "wrong"  # verbose pairs untouched
+        assert after["chosen"] == before["chosen"] and after["rejected"] != after["chosen"]
+        assert after["rejected"] not in answers_of[after["kind"]]  # an answer to another kind of question
+    with pytest.raises(ValueError, match="off_kind_fraction"):
+        make_preference_pairs(examples, off_kind_fraction=1.5)

@@ -107,6 +107,7 @@ def build_datasets(
     max_eval_samples: int | None = None,
     max_rows: int | None = None,
     verbose_fraction: float = 0.5,
+    off_kind_fraction: float = 0.0,
     sft_verbose_fraction: float = 0.3,
     instruction: str = DEFAULT_INSTRUCTION,
     validation: str = "error",
@@ -127,7 +128,8 @@ def build_datasets(
     ``eval_fraction`` of the covers go to eval. ``task="sft"`` gives SFT examples, with
     ``sft_verbose_fraction`` of the train answers made verbose (QA sources only);
     ``task="preference"`` gives preference examples, pairs built from QA sources with
-    ``verbose_fraction`` verbose rejections (the rest wrong answers). Every example is then
+    ``verbose_fraction`` verbose rejections (the rest wrong answers, ``off_kind_fraction`` of those
+    answering another kind of question: training pairs only, so held-out pairs stay comparable). Every example is then
     validated with policy ``validation`` ("error" or "skip"); ``tokenizer`` (or the processor)
     and ``max_length`` add the length check. ``blind=True`` replaces every image by one gray
     image (the image-blind control).
@@ -155,7 +157,7 @@ def build_datasets(
         train, evaluation = (_as_sft(train), _as_sft(evaluation)) if is_pairs else (
             sft_verbose_mix(train, sft_verbose_fraction, seed), evaluation)
     elif not is_pairs:
-        train = make_preference_pairs(train, verbose_fraction, seed)
+        train = make_preference_pairs(train, verbose_fraction, seed, off_kind_fraction)
         evaluation = make_preference_pairs(evaluation, verbose_fraction, seed + 1)
 
     checks = dict(policy=validation, base_dir=table.base_dir, tokenizer=tokenizer, max_length=max_length,

@@ -120,12 +120,17 @@ def sft_verbose_mix(examples: list[dict[str, Any]], sft_verbose_fraction: float 
 
 
 def make_preference_pairs(examples: list[dict[str, Any]], verbose_fraction: float = 0.5,
-                          seed: int = 0) -> list[dict[str, Any]]:
+                          seed: int = 0, off_kind_fraction: float = 0.0) -> list[dict[str, Any]]:
     """SFT examples -> preference examples: chosen = the concise answer; rejected = a verbose one
     for ``round(n * verbose_fraction)`` of them, a wrong one otherwise (verbose when no wrong
-    answer exists). ``answer`` keeps the concise correct answer.
+    answer exists). ``off_kind_fraction`` of the wrong ones answer another kind of question (e.g.
+    "No" to "What is the title?"), which a reward model must also rank low. ``answer`` keeps the
+    concise correct answer. With ``off_kind_fraction=0`` the pairs do not depend on it.
     """
+    if not 0.0 <= off_kind_fraction <= 1.0:
+        raise ValueError(f"off_kind_fraction must be in [0, 1], got {off_kind_fraction}")
     rng = random.Random(seed)
+    off_kind_rng = random.Random(seed + 104_729)  # its own stream: the other pairs stay as they were
     pools = _answer_pools(examples)
     verbose = _chosen_indices(len(examples), verbose_fraction, rng, "verbose_fraction")
     pairs = []
@@ -134,6 +139,9 @@ def make_preference_pairs(examples: list[dict[str, Any]], verbose_fraction: floa
         rejected = None if i in verbose else wrong_answer(answer, example["kind"], rng, pools)
         if rejected is None:
             rejected = verbose_answer(answer, rng)
+        elif off_kind_fraction and off_kind_rng.random() < off_kind_fraction:
+            others = sorted({a for kind, answers in pools.items() if kind != example["kind"] for a in answers} - {answer})
+            rejected = off_kind_rng.choice(others) if others else rejected
         pair = {k: v for k, v in example.items() if k != "answer"}
         pairs.append({**pair, "chosen": answer, "rejected": rejected, "answer": answer})
     return pairs
