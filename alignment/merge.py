@@ -44,6 +44,16 @@ def merge_adapter(model_name: str, adapter_dir: str | os.PathLike, out_dir: str 
     if (adapter_dir / HEAD_FILE).exists():
         raise MergeError(f"{adapter_dir} holds a reward model or critic (a LoRA adapter plus a scalar head), "
                          "not a policy; merge the folder of an sft, dpo or ppo stage")
+    from alignment.adapters.base import read_config
+    from alignment.adapters.menu import method_of_peft_type
+
+    own_method = method_of_peft_type(read_config(adapter_dir).get("peft_type", ""))
+    if own_method == "base_weights":
+        raise MergeError(f"{adapter_dir} holds a projector stage's base weights; merge the folder of the stage "
+                         "after it (its adapter carries them)")
+    if own_method is not None:
+        raise MergeError(f"{adapter_dir} holds a {own_method} adapter, which lives beside the base weights and "
+                         "does not merge into them; load it with the base (vlm-align eval / generate) instead")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise MergeError(f"{out} exists and is not empty; choose a new folder (or pass --overwrite)")
 

@@ -114,3 +114,14 @@ def test_merge_defaults_to_bf16(run, tmp_path, capsys):
     assert "AutoModelForImageTextToText.from_pretrained" in capsys.readouterr().out
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert model.dtype == torch.bfloat16 and json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("peft_type, message", [("BOTTLENECK", "bottleneck adapter"), ("BITFIT", "bitfit adapter"),
+                                                 ("BASE_WEIGHTS", "projector stage's base weights")])
+def test_merge_refuses_adapters_that_do_not_merge_with_a_clear_message(tmp_path, peft_type, message):
+    folder = tmp_path / "sft"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type}))
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(MergeError, match=message):
+        merge_adapter("tiny-mllama", folder, tmp_path / "out")
