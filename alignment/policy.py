@@ -42,6 +42,7 @@ HEAD_FILE = "head.safetensors"
 METHOD_FILE = "adapter_method.json"  # the menu method of a PEFT adapter that is not plain lora
 BASE_WEIGHTS_FILE = "base_weights.safetensors"  # base weights trained in full (projector stage), carried along
 BASE_WEIGHTS_CONFIG = "base_weights.json"
+PEFT_TYPES = {"ia3": "IA3", "loha": "LOHA"}  # menu method -> PEFT's peft_type where it is not LORA
 
 
 @dataclass
@@ -198,8 +199,7 @@ class MultimodalPolicy(nn.Module):
     def _kind(method: str) -> str:
         from alignment.adapters.menu import PEFT_METHODS
 
-        peft_types = {"ia3": "IA3", "loha": "LOHA"}
-        return f"peft:{peft_types.get(method, 'LORA')}" if method in PEFT_METHODS else method
+        return f"peft:{PEFT_TYPES.get(method, 'LORA')}" if method in PEFT_METHODS else method
 
     def _own_of(self, name: str):
         method = self.adapter_methods.get(name)
@@ -344,11 +344,8 @@ class MultimodalPolicy(nn.Module):
         else:
             if name not in self.adapters:
                 config = PeftConfig.from_pretrained(str(folder))
-                method = json.loads((folder / METHOD_FILE).read_text())["method"] if (folder / METHOD_FILE).exists() \
-                    else "dora" if getattr(config, "use_dora", False) else {"IA3": "ia3", "LOHA": "loha"}.get(
-                        str(getattr(config.peft_type, "value", config.peft_type)), "lora")
                 self._add_peft(name, config)
-                self.adapter_methods[name] = method
+                self.adapter_methods[name] = _saved_peft_method(folder, config)
                 if trainable:
                     self.trainable_adapters.add(name)
             result = set_peft_model_state_dict(self.model, state, adapter_name=name)
@@ -517,3 +514,13 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _saved_peft_method(folder: Path, config) -> str:
+    """The menu method of a PEFT adapter folder: its METHOD_FILE, else read off the PEFT config."""
+    if (folder / METHOD_FILE).exists():
+        return json.loads((folder / METHOD_FILE).read_text())["method"]
+    if getattr(config, "use_dora", False):
+        return "dora"
+    peft_type = str(getattr(config.peft_type, "value", config.peft_type))
+    return {v: k for k, v in PEFT_TYPES.items()}.get(peft_type, "lora")

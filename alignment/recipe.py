@@ -206,6 +206,11 @@ def model_dtype(recipe: RecipeConfig):
     return getattr(torch, recipe.model.dtype)
 
 
+def data_task(stage: StageConfig) -> str:
+    """The examples a stage trains on: "sft" (QA) for sft, ppo and projector, else "preference" (pairs)."""
+    return "sft" if stage.type in ("sft", "ppo", "projector") else "preference"
+
+
 def build_data(recipe: RecipeConfig, stage: StageConfig, processor, policy=None):
     """(train, eval, validation report) for one stage: QA examples for sft, pairs for dpo/reward/ppo;
     with `data.select` and a `policy`, the training examples are pruned on its embeddings."""
@@ -213,23 +218,24 @@ def build_data(recipe: RecipeConfig, stage: StageConfig, processor, policy=None)
     from alignment.data.catalog import DEFAULT_INSTRUCTION
 
     data = recipe.data
-    task = "sft" if stage.type in ("sft", "ppo", "projector") else "preference"
     train, evaluation, report = build_datasets(
-        data.source, format=data.format, task=task, eval_fraction=data.eval_fraction,
+        data.source, format=data.format, task=data_task(stage), eval_fraction=data.eval_fraction,
         num_covers=data.num_covers, seed=data.seed, max_train_samples=data.max_train_examples,
         max_eval_samples=data.max_eval_examples, verbose_fraction=data.verbose_fraction,
         off_kind_fraction=data.off_kind_fraction,
         sft_verbose_fraction=data.sft_verbose_fraction, instruction=data.instruction or DEFAULT_INSTRUCTION,
         validation=data.on_error, tokenizer=processor.tokenizer, max_length=data.max_length,
     )
-    if data.select is not None and policy is None:
+    if data.select is None:
+        return train, evaluation, report
+    if policy is None:
         print(f"[{stage.name}] data.select: {data.select.k} of the {len(train)} training examples by "
               f"{data.select.by}, chosen when the run starts (on the policy's embeddings)")
-    if data.select is not None and policy is not None:  # seed 002's pruning, on the policy's embeddings
-        from alignment.data.pruning import select_for_recipe
+        return train, evaluation, report
+    from alignment.data.pruning import select_for_recipe  # seed 002's pruning, on the policy's embeddings
 
-        train = select_for_recipe(train, data.select, policy, data.seed, instruction=data.instruction or DEFAULT_INSTRUCTION,
-                                  max_length=data.max_length)
+    train = select_for_recipe(train, data.select, policy, data.seed, instruction=data.instruction or DEFAULT_INSTRUCTION,
+                              max_length=data.max_length)
     return train, evaluation, report
 
 
@@ -272,9 +278,12 @@ def run_recipe(recipe: RecipeConfig, dry_run: bool = False, accelerator=None) ->
 
     policy = load_policy()
     instruction = recipe.data.instruction or DEFAULT_INSTRUCTION
-    datasets = {}
+    datasets, by_task = {}, {}
     for stage in recipe.stages:
-        datasets[stage.name] = build_data(recipe, stage, policy.processor, None if dry_run else policy)
+        task = data_task(stage)  # stages of one task share their data (and its pruning, done once)
+        if task not in by_task:
+            by_task[task] = build_data(recipe, stage, policy.processor, None if dry_run else policy)
+        datasets[stage.name] = by_task[task]
         train, evaluation, report = datasets[stage.name]
         if accelerator.is_main_process:
             tqdm.write(f"[{stage.name}] data: {len(train)} train, {len(evaluation)} eval; {report.summary()}")

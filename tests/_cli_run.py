@@ -9,17 +9,6 @@ from tests._recipes import tiny_recipe
 _RUNS: dict[str, Path] = {}
 
 
-def one_thread():
-    """Generator for a fixture: torch on one thread while it is active. On a shared 2-core machine
-    two threads spin-wait on each other and run several times slower; the tiny model loses little."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_run(tmp_path_factory) -> Path:
     """The run folder (made once per test session): 2 steps per stage, 4 held-out examples each."""
     if "run" not in _RUNS:

@@ -17,3 +17,14 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one intra-op thread for a module (use with `pytest.mark.usefixtures`): exact
+    comparisons need equal thread counts, and on a shared 2-core machine two spinning OpenMP threads
+    run several times slower while the tiny models lose little."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,14 +14,7 @@ from alignment.losses import sft_loss_sum
 from alignment.policy import LoraSpec, MultimodalPolicy
 from tests.test_policy import make_batch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run as fast on one thread, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 def test_group_wise_up_projection_matches_eq_2_by_hand():

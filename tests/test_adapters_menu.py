@@ -13,14 +13,7 @@ from alignment.policy import LoraSpec, MultimodalPolicy
 from alignment.recipe import recipe_from_dict
 from tests.test_policy import make_batch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run as fast on one thread, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 # method -> (spec, predicate over trainable parameter names of the policy)
 CASES = {

@@ -8,14 +8,12 @@ import yaml
 
 from alignment.cli import main
 from alignment.recipe import load_recipe
-from tests._cli_run import held_out, one_thread, tiny_run
+from tests._cli_run import held_out, tiny_run
 
 COMMANDS = ("train", "eval", "generate", "merge")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,12 @@ from alignment.cli import generate_answer, load_base, main
 from alignment.data import DEFAULT_INSTRUCTION, render_prompt
 from alignment.merge import MERGE_INFO, MergeError, merge_adapter
 from alignment.recipe import load_recipe
-from tests._cli_run import held_out, one_thread, tiny_run
+from tests._cli_run import held_out, tiny_run
 
 LAYER = "model.language_model.layers.0.self_attn.q_proj"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread here and in children: exact comparisons need equal thread counts, and two
-    spinning OpenMP threads on a shared 2-core machine can make a step 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 def write_recipe(path, out, stages=("sft",), data=None, top=None, **stage):

@@ -20,13 +20,7 @@ from tests._recipes import build, tiny_recipe
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run as fast on one thread, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 LOGGED = ("score", "kl", "kl_coef", "entropy", "clipfrac", "value_clipfrac", "approx_kl", "policy_loss",
           "value_loss", "explained_variance", "response_length")

@@ -11,13 +11,7 @@ from alignment.recipe import recipe_from_dict, run_recipe
 from alignment.stages.common import ensure_policy_adapter
 from tests._recipes import build, tiny_recipe
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 PROJECTOR_NAMES = {"model.multi_modal_projector.weight", "model.multi_modal_projector.bias",

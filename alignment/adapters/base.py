@@ -31,6 +31,8 @@ class OwnAdapters(nn.Module):
         self.__dict__["model"] = model  # not a submodule: the base stays registered once, in the policy
         self.configs: dict[str, dict] = {}
         self.active: str | None = None
+        self.adapters = nn.ModuleDict()  # name -> the adapter's modules / parameters
+        self._hooked: set[str] = set()  # modules that already carry this method's forward hook
 
     # ---- what a subclass provides ----------------------------------------------
     def add(self, name: str, spec) -> list[str]:

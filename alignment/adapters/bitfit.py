@@ -36,11 +36,6 @@ class BitFitAdapters(OwnAdapters):
     method = "bitfit"
     peft_type = "BITFIT"
 
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
-        self.adapters = nn.ModuleDict()
-        self._hooked: set[str] = set()
-
     def add(self, name: str, spec) -> list[str]:
         modules = dict(self.model.named_modules())
         pattern = re.compile(SCOPES[spec.preset])

@@ -115,11 +115,6 @@ class BottleneckAdapters(OwnAdapters):
     method = "bottleneck"
     peft_type = "BOTTLENECK"
 
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
-        self.adapters = nn.ModuleDict()
-        self._hooked: set[str] = set()
-
     def add(self, name: str, spec) -> list[str]:
         modules = dict(self.model.named_modules())
         pattern = re.compile(SITE_PATTERNS[spec.preset])

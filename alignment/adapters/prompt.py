@@ -35,7 +35,6 @@ class PromptAdapters(OwnAdapters):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.adapters = nn.ModuleDict()
         self._added: int | None = None  # prompt length added to the current forward, for the post-hook
         decoder = _decoder(model)
         decoder.register_forward_pre_hook(self._before, with_kwargs=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from pathlib import Path
 from typing import Any
 
 from alignment.data.catalog import DEFAULT_INSTRUCTION
@@ -69,27 +70,16 @@ def _as_sft(examples: list[dict]) -> list[dict]:
             for e in examples]
 
 
-def _build_scienceqa(source, task, train_split, eval_split, eval_fraction, seed, max_train_samples,
-                     max_eval_samples, validation, tokenizer, max_length, image_seq_length, instruction):
-    """`build_datasets` for ScienceQA-format data (alignment/data/scienceqa.py): SFT only."""
-    from pathlib import Path
-
+def _load_scienceqa(source, task: str) -> tuple[list[dict], Path]:
+    """ScienceQA-format problems (alignment/data/scienceqa.py) and their image folder: SFT only."""
     if task != "sft":
         raise DataSourceError(f"{source}: ScienceQA gives multiple-choice SFT examples, not preference pairs; "
                               "use it with sft or projector stages")
     examples = load_scienceqa(source)
     if not examples:
         raise DataSourceError(f"{source}: no ScienceQA problems")
-    train, evaluation = _splits(examples, train_split, eval_split, eval_fraction, str(source))
-    train = _subsample(train, max_train_samples, seed)
-    evaluation = _subsample(evaluation, max_eval_samples, seed + 1)
     path = Path(source)
-    report = ValidationReport()
-    checks = dict(policy=validation, base_dir=path if path.is_dir() else path.parent, tokenizer=tokenizer,
-                  max_length=max_length, image_seq_length=image_seq_length, instruction=instruction, report=report)
-    train, _ = validate_examples(train, **checks)
-    evaluation, _ = validate_examples(evaluation, **checks)
-    return train, evaluation, report
+    return examples, path if path.is_dir() else path.parent
 
 
 def build_datasets(
@@ -141,11 +131,13 @@ def build_datasets(
         source, format = synthetic_bookcover_path(num_covers, seed, image_size, cache_dir=cache_dir), "ocrvqa"
     if str(source) == SCIENCEQA_FIXTURE:
         source, format = scienceqa_fixture_path(num_covers, seed, cache_dir=cache_dir), "scienceqa"
-    if format == "scienceqa" or (format is None and is_scienceqa(source)):
-        return _build_scienceqa(source, task, train_split, eval_split, eval_fraction, seed, max_train_samples,
-                                max_eval_samples, validation, tokenizer, max_length, image_seq_length, instruction)
     report = ValidationReport()
-    examples, table = load_examples(source, format, policy=validation, report=report, max_rows=max_rows)
+    scienceqa = format == "scienceqa" or (format is None and is_scienceqa(source))
+    if scienceqa:  # multiple-choice SFT: answers are option letters, never made verbose or paired
+        examples, base_dir = _load_scienceqa(source, task)
+    else:
+        examples, table = load_examples(source, format, policy=validation, report=report, max_rows=max_rows)
+        base_dir = table.base_dir
     if not examples:
         raise DataSourceError(f"{source}: no usable rows ({report.summary()})")
     is_pairs = "chosen" in examples[0]  # preference and rlaifv rows
@@ -153,14 +145,14 @@ def build_datasets(
     train = _subsample(train, max_train_samples, seed)
     evaluation = _subsample(evaluation, max_eval_samples, seed + 1)
 
-    if task == "sft":
+    if task == "sft" and not scienceqa:
         train, evaluation = (_as_sft(train), _as_sft(evaluation)) if is_pairs else (
             sft_verbose_mix(train, sft_verbose_fraction, seed), evaluation)
-    elif not is_pairs:
+    elif task == "preference" and not is_pairs:
         train = make_preference_pairs(train, verbose_fraction, seed, off_kind_fraction)
         evaluation = make_preference_pairs(evaluation, verbose_fraction, seed + 1)
 
-    checks = dict(policy=validation, base_dir=table.base_dir, tokenizer=tokenizer, max_length=max_length,
+    checks = dict(policy=validation, base_dir=base_dir, tokenizer=tokenizer, max_length=max_length,
                   image_seq_length=image_seq_length, instruction=instruction, report=report)
     train, _ = validate_examples(train, **checks)
     evaluation, _ = validate_examples(evaluation, **checks)

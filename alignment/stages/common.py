@@ -51,3 +51,14 @@ def ensure_policy_adapter(policy, config, previous_adapter: Path | None, name: s
               f"{sum(p.numel() for p in policy.trainable_parameters()):,} trainable parameters")
     policy.trainable_adapters.add(name)
     policy.set_adapter(name)
+
+
+def pair_reward_stats(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """Logged means of a batch's pair rewards, chosen [P] and rejected [P] (DPO's implicit ones or a
+    reward model's): rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies."""
+    return {
+        "rewards/chosen": chosen.mean().item(),
+        "rewards/rejected": rejected.mean().item(),
+        "rewards/margins": (chosen - rejected).mean().item(),
+        "rewards/accuracies": (chosen > rejected).float().mean().item(),
+    }

@@ -16,7 +16,7 @@ from alignment.data import collate_preference, collate_prompts
 from alignment.evaluate import answer_metrics, generate_answers, preference_metrics
 from alignment.losses import dpo_loss, rpo_nll
 from alignment.stages.base import Stage
-from alignment.stages.common import ensure_policy_adapter, to_device
+from alignment.stages.common import ensure_policy_adapter, pair_reward_stats, to_device
 
 
 class DPOStage(Stage):
@@ -82,13 +82,7 @@ class DPOStage(Stage):
         losses, chosen, rejected, nll = self._pair_rewards(batch)
         if self.config.rpo_alpha:
             losses = losses + self.config.rpo_alpha * nll
-        return losses.sum(), {
-            "nll/chosen": nll.mean().item(),
-            "rewards/chosen": chosen.mean().item(),
-            "rewards/rejected": rejected.mean().item(),
-            "rewards/margins": (chosen - rejected).mean().item(),
-            "rewards/accuracies": (chosen > rejected).float().mean().item(),
-        }
+        return losses.sum(), {"nll/chosen": nll.mean().item(), **pair_reward_stats(chosen, rejected)}
 
     def evaluate(self):
         pairs = self.eval_examples[: self.config.eval_examples]

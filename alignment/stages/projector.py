@@ -15,6 +15,7 @@ from pathlib import Path
 
 from alignment.policy import LoraSpec
 from alignment.stages.common import PROJECTOR_ADAPTER, is_base_weights_folder
+from alignment.stages.reward import only_train
 from alignment.stages.sft import SFTStage
 
 # Full-match regexes over base parameter names (PEFT's `.base_layer` removed).
@@ -39,8 +40,7 @@ class ProjectorStage(SFTStage):
                 family = policy.family.__name__.rsplit(".", 1)[-1]
                 policy.add_adapter(PROJECTOR_ADAPTER, LoraSpec(method="base_weights",
                                                                target_modules=PROJECTOR_PATTERNS[family]))
-        policy.trainable_adapters.clear()
-        policy.trainable_adapters.add(PROJECTOR_ADAPTER)
+        only_train(policy, {PROJECTOR_ADAPTER})
         policy.set_adapter(PROJECTOR_ADAPTER)
         names = policy.own["base_weights"].configs[PROJECTOR_ADAPTER]["parameters"]
         print(f"[{self.config.name}] projector: {len(names)} tensors, "

@@ -17,7 +17,7 @@ from alignment.data import collate_preference
 from alignment.evaluate import preference_metrics
 from alignment.losses import bradley_terry_loss
 from alignment.stages.base import Stage
-from alignment.stages.common import lora_spec, to_device
+from alignment.stages.common import lora_spec, pair_reward_stats, to_device
 
 ADAPTER = "reward"
 
@@ -96,12 +96,7 @@ class RewardModelStage(Stage):
         chosen, rejected = self.pair_rewards(batch)
         n = batch["num_pairs"]
         loss_sum = bradley_terry_loss(chosen, rejected, self.config.margin) * n
-        return loss_sum, {
-            "rewards/chosen": chosen.mean().item(),
-            "rewards/rejected": rejected.mean().item(),
-            "rewards/margins": (chosen - rejected).mean().item(),
-            "rewards/accuracies": (chosen > rejected).float().mean().item(),
-        }
+        return loss_sum, pair_reward_stats(chosen, rejected)
 
     def evaluate(self):
         pairs = self.eval_examples[: self.config.eval_examples]
