@@ -52,6 +52,7 @@ class LoraConfig:
     alpha: int = 32  # scaling numerator (scale = alpha / r)
     dropout: float = 0.0  # dropout on the adapter's input (lora family, bottleneck)
     preset: str = "language"  # where: language | cross_attention | vision | multimodal | all
+    lm_head: bool = False  # lora family: also a LoRA on the output head (lets a frozen head grow confident)
     dim: int = 16  # bottleneck: adapter dimension d (seed 003's best: 16)
     groups: int = 2  # bottleneck: groups k of the up-projection (seed 003's best: 2); divides dim
     scale: float = 1.0  # bottleneck: fixed scale of the adapter's output
@@ -104,6 +105,7 @@ class DataConfig:
     max_length: int = 256  # prompt + answer tokens; longer rows are errors or skips
     on_error: str = "error"  # error | skip: what a bad row does
     sft_verbose_fraction: float = 0.1  # share of SFT answers that explain (by question phrasing, as raw data does)
+    sft_verbose_rate: float = 1.0  # of those phrasings' answers, the share that explain (< 1: both answers learnt)
     verbose_fraction: float = 0.5  # share of rejected answers that are verbose (rest: wrong)
     off_kind_fraction: float = 0.0  # share of wrong rejections answering another kind of question (training pairs)
     select: SelectConfig | None = None  # keep only k training examples (seed 002's pruning); None: all
@@ -114,7 +116,7 @@ class DataConfig:
         _positive(self, "num_covers", "max_length", "max_train_examples", "max_eval_examples")
         _check(0 <= self.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
         _check(self.on_error in ON_ERROR, "data.on_error", f"must be one of {ON_ERROR}")
-        for name in ("sft_verbose_fraction", "verbose_fraction", "off_kind_fraction"):
+        for name in ("sft_verbose_fraction", "sft_verbose_rate", "verbose_fraction", "off_kind_fraction"):
             _check(0 <= getattr(self, name) <= 1, f"data.{name}", "must be in [0, 1]")
 
 
@@ -243,13 +245,14 @@ class PPOConfig(StageConfig):
     critic_init: str = "reward"  # reward | fresh: where the critic's adapter and head start
     separate_models: bool = False  # load reference, critic and reward on their own bases (more memory)
     reward_adapter: str | None = None  # reward model folder (default: the last reward stage's output)
+    eval_kl_samples: int = 2  # sampled answers per held-out prompt for the evaluation's KL estimate
     lora: LoraConfig = field(default_factory=LoraConfig)  # adapters that start fresh (policy, critic)
 
     def __post_init__(self):
         super().__post_init__()
         where = f"stages.{self.name}"
         _positive(self, "temperature", "ppo_epochs", "num_minibatches", "clip_range", "clip_range_value",
-                  "kl_target", "kl_horizon")
+                  "kl_target", "kl_horizon", "eval_kl_samples")
         _check(0 < self.top_p <= 1, f"{where}.top_p", "must be in (0, 1]")
         _check(self.vf_coef >= 0 and self.kl_coef >= 0, f"{where}.vf_coef/kl_coef", "must be >= 0")
         _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"{where}.gamma/lam", "must be in [0, 1]")

@@ -55,6 +55,7 @@ class LoraSpec:
     dropout: float = 0.0
     preset: str = "language"  # language | cross_attention | vision | multimodal | all
     target_modules: list[str] | None = None  # exact module names; overrides the preset
+    lm_head: bool = False  # LoRA methods: also adapt the output head (the vocabulary projection)
     extra_trainable: list[str] = field(default_factory=list)  # regexes of base params trained in full
     dim: int = 16  # bottleneck: adapter dimension d
     groups: int = 2  # bottleneck: groups k of the up-projection
@@ -155,6 +156,14 @@ class MultimodalPolicy(nn.Module):
         return "4bit" if "Linear4bit" in kinds else "8bit" if "Linear8bitLt" in kinds else "none"
 
     # ---------------------------------------------------------------- adapters
+    def _output_head_name(self) -> str:
+        """The module name of the vocabulary projection (lm_head)."""
+        head = self.base_model.get_output_embeddings()
+        names = [n for n, m in self.base_model.named_modules() if m is head or getattr(m, "base_layer", None) is head]
+        if not names:
+            raise ValueError(f"{type(self.base_model).__name__} has no output head to adapt (lora.lm_head)")
+        return names[0]
+
     def add_adapter(self, name: str, spec: LoraSpec, trainable: bool = True, head: bool = False) -> list[str]:
         """Add an adapter of `spec.method` (and optionally a scalar head); returns the targeted module
         names. Refuses (ValueError) a method the base cannot run, and mixing kinds of adapters."""
@@ -171,6 +180,8 @@ class MultimodalPolicy(nn.Module):
                                  f"kind ({sorted(kinds)}): one model holds adapters of one PEFT type or one own method")
         if method in PEFT_METHODS:
             targets = spec.target_modules or resolve_preset(self.base_model, spec.preset)
+            if spec.lm_head:
+                targets = sorted({*targets, self._output_head_name()})
             self._add_peft(name, peft_config(spec, targets))
         else:
             if method not in self.own:

@@ -223,7 +223,8 @@ def build_data(recipe: RecipeConfig, stage: StageConfig, processor, policy=None)
         num_covers=data.num_covers, seed=data.seed, max_train_samples=data.max_train_examples,
         max_eval_samples=data.max_eval_examples, verbose_fraction=data.verbose_fraction,
         off_kind_fraction=data.off_kind_fraction,
-        sft_verbose_fraction=data.sft_verbose_fraction, instruction=data.instruction or DEFAULT_INSTRUCTION,
+        sft_verbose_fraction=data.sft_verbose_fraction, sft_verbose_rate=data.sft_verbose_rate,
+        instruction=data.instruction or DEFAULT_INSTRUCTION,
         validation=data.on_error, tokenizer=processor.tokenizer, max_length=data.max_length,
     )
     if data.select is None:

@@ -109,6 +109,24 @@ def test_sft_verbose_mix_follows_the_question():
         sft_verbose_mix(examples, 1.5)
 
 
+def test_sft_verbose_rate_explains_a_share_of_those_questions():
+    """Below 1, a verbose phrasing's examples explain at that rate (seeded), the rest stay concise."""
+    examples = qa_examples(400)
+    verbose = verbose_questions(examples, 0.4, seed=0)
+    assert sft_verbose_mix(examples, 0.4, seed=0, sft_verbose_rate=1.0) == sft_verbose_mix(examples, 0.4, seed=0)
+    mixed = sft_verbose_mix(examples, 0.4, seed=0, sft_verbose_rate=0.6)
+    assert mixed == sft_verbose_mix(examples, 0.4, seed=0, sft_verbose_rate=0.6)
+    for question in verbose:
+        answers = [(m["answer"], e["answer"]) for m, e in zip(mixed, examples) if e["question"] == question]
+        explained = sum(is_verbose(m, e) for m, e in answers)
+        assert all(is_verbose(m, e) or m == e for m, e in answers)
+        assert 0.45 <= explained / len(answers) <= 0.75, (question, explained, len(answers))  # both answers learnt
+    assert all(m["answer"] == e["answer"] for m, e in zip(mixed, examples) if e["question"] not in verbose)
+    assert sft_verbose_mix(examples, 0.4, sft_verbose_rate=0.0) == examples
+    with pytest.raises(ValueError, match="sft_verbose_rate"):
+        sft_verbose_mix(examples, 0.4, sft_verbose_rate=1.2)
+
+
 def test_empty_answers_stay_empty_for_validation():
     import random
 

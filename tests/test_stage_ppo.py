@@ -146,6 +146,35 @@ def test_shared_base_carries_every_role(tmp_path, prompts, adapters):
     assert (moved - before).abs().max() > 1e-3
 
 
+def test_evaluation_kl_is_sampled_from_the_actor(tmp_path, prompts, adapters):
+    """`kl` in the evaluation: 0 while the actor is the reference; after the actor moves, a Monte
+    Carlo estimate of KL(actor || reference) over sampled answers. With one-token answers the exact
+    KL of the two next-token distributions (logits / temperature) is computable: they agree."""
+    stage, policy = make_stage(tmp_path, prompts, adapters, temperature=0.7, max_new_tokens=1, eval_kl_samples=100)
+    stage.setup(None)
+    assert stage.sampled_kl() == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name and ".policy." in name:
+                param.add_(0.01 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+    policy.eval()
+    batch = stage.collate(stage.eval_examples[:4])
+    with torch.no_grad():
+        features = policy.encode_images(batch)
+        actor = torch.log_softmax(policy.forward(batch, features).logits[:, -1].float() / 0.7, -1)
+        with policy.reference():
+            reference = torch.log_softmax(policy.forward(batch, features).logits[:, -1].float() / 0.7, -1)
+    exact = (actor.exp() * (actor - reference)).sum(-1).mean().item()
+    generator = torch.Generator().manual_seed(0)
+    with stage._eval_mode():
+        samples = torch.tensor([r for _ in range(300) for r in stage._sampled_log_ratios(stage.eval_examples[:4],
+                                                                                         generator)])
+    standard_error = samples.std().item() / len(samples) ** 0.5
+    assert exact > 5 * standard_error  # the move is large enough to be seen
+    assert abs(samples.mean().item() - exact) < 4 * standard_error, (samples.mean().item(), exact, standard_error)
+    assert stage.sampled_kl() == pytest.approx(exact, abs=5 * standard_error)
+
+
 def test_separate_models_hold_their_own_bases(tmp_path, prompts, adapters):
     stage, policy = make_stage(tmp_path, prompts, adapters, separate_models=True)
     stage.setup(None)

@@ -99,6 +99,7 @@ def build_datasets(
     verbose_fraction: float = 0.5,
     off_kind_fraction: float = 0.0,
     sft_verbose_fraction: float = 0.3,
+    sft_verbose_rate: float = 1.0,
     instruction: str = DEFAULT_INSTRUCTION,
     validation: str = "error",
     tokenizer: Any = None,
@@ -116,7 +117,8 @@ def build_datasets(
     ``format`` is detected from the columns when None. Splits come from the rows' tags
     (``set_name``/``split`` column, hub splits); without them, or without an eval split,
     ``eval_fraction`` of the covers go to eval. ``task="sft"`` gives SFT examples, with
-    ``sft_verbose_fraction`` of the train answers made verbose (QA sources only);
+    ``sft_verbose_fraction`` of the train answers made verbose (QA sources only; of those
+    phrasings' examples, ``sft_verbose_rate``);
     ``task="preference"`` gives preference examples, pairs built from QA sources with
     ``verbose_fraction`` verbose rejections (the rest wrong answers, ``off_kind_fraction`` of those
     answering another kind of question: training pairs only, so held-out pairs stay comparable). Every example is then
@@ -147,7 +149,7 @@ def build_datasets(
 
     if task == "sft" and not scienceqa:
         train, evaluation = (_as_sft(train), _as_sft(evaluation)) if is_pairs else (
-            sft_verbose_mix(train, sft_verbose_fraction, seed), evaluation)
+            sft_verbose_mix(train, sft_verbose_fraction, seed, sft_verbose_rate), evaluation)
     elif task == "preference" and not is_pairs:
         train = make_preference_pairs(train, verbose_fraction, seed, off_kind_fraction)
         evaluation = make_preference_pairs(evaluation, verbose_fraction, seed + 1)

@@ -103,20 +103,28 @@ def verbose_questions(examples: list[dict[str, Any]], sft_verbose_fraction: floa
 
 
 def sft_verbose_mix(examples: list[dict[str, Any]], sft_verbose_fraction: float = 0.3,
-                    seed: int = 0) -> list[dict[str, Any]]:
+                    seed: int = 0, sft_verbose_rate: float = 1.0) -> list[dict[str, Any]]:
     """SFT examples in which the answers to some question phrasings explain, as raw data does.
 
     Verbosity follows the question (``verbose_questions``), each with one fixed explaining
     template, so a model trained on the mix learns *when* to explain and greedy decoding
     reproduces it: about ``sft_verbose_fraction`` of the examples, and of the held-out questions,
     get long answers, which is what DPO then fixes. (Verbosity drawn at random per example would
-    leave greedy decoding concise and give DPO nothing to fix.)
+    leave greedy decoding concise and give DPO nothing to fix.) ``sft_verbose_rate`` < 1 explains
+    only that share of those phrasings' examples (seeded): the model then learns both answers for
+    them, explaining one a little more likely, so greedy decoding still explains while the concise
+    answer stays close (the starting point PPO can improve on without moving far).
     """
+    if not 0.0 <= sft_verbose_rate <= 1.0:
+        raise ValueError(f"sft_verbose_rate must be in [0, 1], got {sft_verbose_rate}")
     verbose = verbose_questions(examples, sft_verbose_fraction, seed)
     templates = catalog.VERBOSE_TEMPLATES
     template_of = {q: templates[i % len(templates)] for i, q in enumerate(sorted(verbose))}
-    return [{**e, "answer": template_of[e["question"]].format(answer=e["answer"])}
-            if e["question"] in verbose and e["answer"] else dict(e) for e in examples]
+    rng = random.Random(seed + 7_919)
+    explains = [e["question"] in verbose and bool(e["answer"]) and rng.random() < sft_verbose_rate
+                for e in examples]
+    return [{**e, "answer": template_of[e["question"]].format(answer=e["answer"])} if explain else dict(e)
+            for e, explain in zip(examples, explains)]
 
 
 def make_preference_pairs(examples: list[dict[str, Any]], verbose_fraction: float = 0.5,

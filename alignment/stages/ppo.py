@@ -350,7 +350,8 @@ class PPOStage(Stage):
     @torch.no_grad()
     def answer_eval(self, name: str) -> dict:
         """Greedy answers of role `name` (actor or reference) to the held-out prompts: reward model
-        score, KL to the reference per answer (nats, summed over answer tokens), exact match, length."""
+        score, log-ratio to the reference of each greedy answer (nats, summed over its tokens; not a KL:
+        `sampled_kl` is), exact match, length."""
         cfg = self.config
         examples = self.eval_examples[: cfg.eval_examples]
         device = self.models["actor"].device
@@ -380,15 +381,53 @@ class PPOStage(Stage):
                               for e, r, p, s in list(zip(examples, references, predictions, scores))[:8]]
         return metrics
 
+    @torch.no_grad()
+    def sampled_kl(self) -> float:
+        """KL(actor || reference) per answer (nats): `eval_kl_samples` answers per held-out prompt,
+        sampled as rollouts are (temperature, top_p), each scored by the log-ratio of the two
+        distributions it was sampled from (logits / temperature) summed over its tokens; the mean."""
+        cfg = self.config
+        examples = self.eval_examples[: cfg.eval_examples]
+        device = self.models["actor"].device
+        generator = torch.Generator(device=device).manual_seed(self.ctx.seed * 1_000_003 + 271_828)
+        log_ratios = []
+        with self._eval_mode():
+            for _ in range(cfg.eval_kl_samples):
+                log_ratios += self._sampled_log_ratios(examples, generator)
+        return sum(log_ratios) / max(1, len(log_ratios))
+
+    def _sampled_log_ratios(self, examples: list[dict], generator: torch.Generator) -> list[float]:
+        """One sampled answer per example: log pi(answer) - log ref(answer) under the sampling distributions."""
+        cfg = self.config
+        device = self.models["actor"].device
+        log_ratios = []
+        for start in range(0, len(examples), cfg.eval_batch_size):
+            prompts = to_device(collate_prompts(examples[start : start + cfg.eval_batch_size],
+                                                self.policy.processor, **self.ctx.prompt_kwargs), device)
+            features = self._shared_features(prompts)
+            actor_features = self._features("actor", prompts, features)
+            with self.role("actor") as actor:
+                tokens = actor.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                        top_p=cfg.top_p, image_features=actor_features, generator=generator)
+                batch = self._answer_batch(prompts, tokens)
+                logprobs, mask = self._sampling_logprobs(actor, batch, actor_features)
+            with self.role("reference") as reference:
+                ref_logprobs, _ = self._sampling_logprobs(reference, batch,
+                                                          self._features("reference", prompts, features))
+            log_ratios += masked_sum(logprobs - ref_logprobs, mask, dim=1).tolist()
+        return log_ratios
+
     def evaluate(self):
         with self.ctx.accelerator.autocast():
             if self.before is None:  # evaluated without training (max_steps reached before a resume)
                 self.before = self.answer_eval("reference")
             after = self.answer_eval("actor")
+            kl = self.sampled_kl()
         metrics = {
             "mean_reward_before": self.before["mean_reward"],
             "mean_reward_after": after["mean_reward"],
-            "kl": after["kl"],
+            "kl": kl,
+            "kl_greedy_answer": after["kl"],
             "exact_match": after["exact_match"],
             "exact_match_before": self.before["exact_match"],
             "mean_answer_words": after["mean_answer_words"],
