@@ -311,7 +311,8 @@ class MultimodalPolicy(nn.Module):
             own.save(name, folder)
         else:
             self.model.peft_config[name].save_pretrained(str(folder))
-            state = get_peft_model_state_dict(self.model, adapter_name=name)
+            # save_embedding_layers=False: with `lm_head: true` PEFT would also save the frozen base head
+            state = get_peft_model_state_dict(self.model, adapter_name=name, save_embedding_layers=False)
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / ADAPTER_FILE))
             method = self.adapter_methods.get(name, "lora")
             if method != "lora":
