@@ -200,8 +200,9 @@ class PPOStage(Stage):
         return batch
 
     @torch.no_grad()
-    def _sample_chunk(self, prompts: dict, generator: torch.Generator) -> Rollout:
-        """Sample answers for one chunk of prompts and score them (no rewards or advantages yet)."""
+    def _sample_answers(self, prompts: dict, generator: torch.Generator):
+        """The actor's sampled answers to `prompts` (temperature, top_p): (answer batch, shared image
+        features or None, the actor's features, actor and reference log-probs `[B, T-1]`, answer mask)."""
         cfg = self.config
         features = self._shared_features(prompts)
         actor_features = self._features("actor", prompts, features)
@@ -209,9 +210,16 @@ class PPOStage(Stage):
             tokens = actor.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                     top_p=cfg.top_p, image_features=actor_features, generator=generator)
             batch = self._answer_batch(prompts, tokens)
-            old_logprobs, mask = self._sampling_logprobs(actor, batch, actor_features)
+            logprobs, mask = self._sampling_logprobs(actor, batch, actor_features)
         with self.role("reference") as reference:
             ref_logprobs, _ = self._sampling_logprobs(reference, batch, self._features("reference", prompts, features))
+        return batch, features, actor_features, logprobs, ref_logprobs, mask
+
+    @torch.no_grad()
+    def _sample_chunk(self, prompts: dict, generator: torch.Generator) -> Rollout:
+        """Sample answers for one chunk of prompts and score them (no rewards or advantages yet)."""
+        cfg = self.config
+        batch, features, actor_features, old_logprobs, ref_logprobs, mask = self._sample_answers(prompts, generator)
         with self.role("critic") as critic:
             values = critic.head_values(batch, "critic", self._features("critic", prompts, features))[:, :-1]
         with self.role("reward") as reward:
@@ -404,16 +412,7 @@ class PPOStage(Stage):
         for start in range(0, len(examples), cfg.eval_batch_size):
             prompts = to_device(collate_prompts(examples[start : start + cfg.eval_batch_size],
                                                 self.policy.processor, **self.ctx.prompt_kwargs), device)
-            features = self._shared_features(prompts)
-            actor_features = self._features("actor", prompts, features)
-            with self.role("actor") as actor:
-                tokens = actor.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                        top_p=cfg.top_p, image_features=actor_features, generator=generator)
-                batch = self._answer_batch(prompts, tokens)
-                logprobs, mask = self._sampling_logprobs(actor, batch, actor_features)
-            with self.role("reference") as reference:
-                ref_logprobs, _ = self._sampling_logprobs(reference, batch,
-                                                          self._features("reference", prompts, features))
+            *_, logprobs, ref_logprobs, mask = self._sample_answers(prompts, generator)
             log_ratios += masked_sum(logprobs - ref_logprobs, mask, dim=1).tolist()
         return log_ratios
 
