@@ -106,6 +106,7 @@ class DataConfig:
     on_error: str = "error"  # error | skip: what a bad row does
     sft_verbose_fraction: float = 0.1  # share of SFT answers that explain (by question phrasing, as raw data does)
     sft_verbose_rate: float = 1.0  # of those phrasings' answers, the share that explain (< 1: both answers learnt)
+    sft_verbose_style: str = "any"  # any | answer_first: explaining templates that start with the concise answer
     verbose_fraction: float = 0.5  # share of rejected answers that are verbose (rest: wrong)
     off_kind_fraction: float = 0.0  # share of wrong rejections answering another kind of question (training pairs)
     select: SelectConfig | None = None  # keep only k training examples (seed 002's pruning); None: all
@@ -118,6 +119,10 @@ class DataConfig:
         _check(self.on_error in ON_ERROR, "data.on_error", f"must be one of {ON_ERROR}")
         for name in ("sft_verbose_fraction", "sft_verbose_rate", "verbose_fraction", "off_kind_fraction"):
             _check(0 <= getattr(self, name) <= 1, f"data.{name}", "must be in [0, 1]")
+        from alignment.data.catalog import VERBOSE_STYLES
+
+        _check(self.sft_verbose_style in VERBOSE_STYLES, "data.sft_verbose_style",
+               f"must be one of {tuple(VERBOSE_STYLES)}")
 
 
 @dataclass
@@ -209,8 +214,13 @@ class RewardConfig(StageConfig):
 
     type: str = "reward"
     margin: float | None = None  # Bradley-Terry margin every pair must exceed (None: 0)
+    center_rewards: float = 0.0  # weight of mean((r_c + r_r)^2): one reward scale across prompts (TRL's 0.01)
     init_from_previous: bool = True  # start the `reward` adapter from the previous stage's (SFT's) LoRA weights
     lora: LoraConfig = field(default_factory=LoraConfig)  # the `reward` adapter when it starts fresh
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.center_rewards >= 0, f"stages.{self.name}.center_rewards", "must be >= 0")
 
 
 CRITIC_INITS = ("reward", "fresh")

@@ -389,7 +389,7 @@ class MultimodalPolicy(nn.Module):
         if own is not None:
             own.copy(source, target)
         else:
-            state = get_peft_model_state_dict(self.model, adapter_name=source)
+            state = get_peft_model_state_dict(self.model, adapter_name=source, save_embedding_layers=False)
             set_peft_model_state_dict(self.model, state, adapter_name=target)
         if source in self.heads and target in self.heads:
             self.heads[target].load_state_dict(self.heads[source].state_dict())

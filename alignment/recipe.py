@@ -224,6 +224,7 @@ def build_data(recipe: RecipeConfig, stage: StageConfig, processor, policy=None)
         max_eval_samples=data.max_eval_examples, verbose_fraction=data.verbose_fraction,
         off_kind_fraction=data.off_kind_fraction,
         sft_verbose_fraction=data.sft_verbose_fraction, sft_verbose_rate=data.sft_verbose_rate,
+        sft_verbose_style=data.sft_verbose_style,
         instruction=data.instruction or DEFAULT_INSTRUCTION,
         validation=data.on_error, tokenizer=processor.tokenizer, max_length=data.max_length,
     )

@@ -111,7 +111,8 @@ def _data_section(recipe) -> list[str]:
         f"- held out: {data.eval_fraction:.0%} of the covers when the source has no eval split; "
         f"at most {data.max_eval_examples} eval examples",
         f"- prompt instruction: \"{data.instruction or DEFAULT_INSTRUCTION}\"",
-        f"- SFT answers that explain: {data.sft_verbose_fraction * data.sft_verbose_rate:.0%}; rejected answers that are verbose "
+        f"- SFT answers that explain: {data.sft_verbose_fraction * data.sft_verbose_rate:.0%} "
+        f"(templates: {data.sft_verbose_style}); rejected answers that are verbose "
         f"(the rest wrong): {data.verbose_fraction:.0%}",
         f"- rows over {data.max_length} tokens or otherwise bad: {data.on_error}",
         "",

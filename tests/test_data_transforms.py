@@ -127,6 +127,20 @@ def test_sft_verbose_rate_explains_a_share_of_those_questions():
         sft_verbose_mix(examples, 0.4, sft_verbose_rate=1.2)
 
 
+def test_answer_first_style_starts_every_explaining_answer_with_the_concise_one():
+    examples = qa_examples(200)
+    mixed = sft_verbose_mix(examples, 0.6, seed=0, sft_verbose_style="answer_first")
+    explained = [(m["answer"], e["answer"]) for m, e in zip(mixed, examples) if is_verbose(m["answer"], e["answer"])]
+    assert len(explained) > 50
+    assert all(m.startswith(e + ".") and len(m.split()) > len(e.split()) + 3 for m, e in explained)
+    # The default style also uses templates that explain first.
+    default = sft_verbose_mix(examples, 0.6, seed=0)
+    assert any(not m["answer"].startswith(e["answer"]) for m, e in zip(default, examples)
+               if is_verbose(m["answer"], e["answer"]))
+    with pytest.raises(ValueError, match="sft_verbose_style"):
+        sft_verbose_mix(examples, 0.6, sft_verbose_style="answer_last")
+
+
 def test_empty_answers_stay_empty_for_validation():
     import random
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from alignment.losses import bradley_terry_loss
+from alignment.losses import bradley_terry_loss, reward_centering_loss
 
 
 def _ref_softplus_neg(x):
@@ -72,3 +72,22 @@ def test_gradient_direction_and_gradcheck():
     assert torch.autograd.gradcheck(lambda c, r: bradley_terry_loss(c, r, margin), (chosen, rejected))
     bradley_terry_loss(chosen, rejected).backward()
     assert (chosen.grad < 0).all() and (rejected.grad > 0).all()
+
+
+def test_centering_hand_worked_and_blind_to_what_bradley_terry_sees():
+    """Pairs (2, 1) and (0, 0): sums 3 and 0, mean of squares 4.5. A per-pair shift that leaves every
+    gap alone changes only the centering term, and it is 0 once each pair's mean is 0."""
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0])
+    assert_close(reward_centering_loss(chosen, rejected), torch.tensor(4.5))
+    centred = torch.tensor([0.5, 0.0]), torch.tensor([-0.5, 0.0])
+    assert_close(bradley_terry_loss(*centred), bradley_terry_loss(chosen, rejected))
+    assert reward_centering_loss(*centred).item() == 0.0
+
+
+def test_centering_gradient_pulls_each_pair_mean_toward_zero():
+    chosen = torch.tensor([3.0, -2.0], dtype=torch.float64, requires_grad=True)
+    rejected = torch.tensor([1.0, -4.0], dtype=torch.float64, requires_grad=True)
+    reward_centering_loss(chosen, rejected).backward()
+    # d/dr_c = d/dr_r = (r_c + r_r) (2 / B with B = 2): positive-sum pairs go down, negative go up.
+    assert_close(chosen.grad, torch.tensor([4.0, -6.0], dtype=torch.float64))
+    assert_close(rejected.grad, chosen.grad)

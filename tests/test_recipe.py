@@ -48,6 +48,10 @@ def test_unknown_stage_type_and_bad_types():
         recipe_from_dict(minimal(model={"quantization": "3bit"}))
     with pytest.raises(ConfigError, match="loss_type"):
         recipe_from_dict({"stages": [{"type": "dpo", "loss_type": "kto"}]})
+    with pytest.raises(ConfigError, match=r"data.sft_verbose_style: must be one of \('any', 'answer_first'\)"):
+        recipe_from_dict(minimal(data={"sft_verbose_style": "last"}))
+    with pytest.raises(ConfigError, match=r"stages.reward.center_rewards: must be >= 0"):
+        recipe_from_dict({"stages": [{"type": "reward", "center_rewards": -1}]})
 
 
 def test_yaml_scientific_notation_and_renamed_keys():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from alignment.data import build_datasets
-from alignment.losses import bradley_terry_loss
+from alignment.losses import bradley_terry_loss, reward_centering_loss
 from alignment.policy import MultimodalPolicy
 from alignment.recipe import make_accelerator
 from alignment.stages import RewardModelStage, RunContext
@@ -71,3 +71,16 @@ def test_train_step_is_the_summed_bradley_terry_loss_with_margin(tmp_path, pairs
         chosen, rejected = stage.pair_rewards(batch)
     torch.testing.assert_close(loss, 4 * bradley_terry_loss(chosen, rejected, 0.5))
     assert loss / 4 > bradley_terry_loss(chosen, rejected)  # a margin raises the loss
+
+
+def test_train_step_adds_the_weighted_centering_term(tmp_path, pairs):
+    stage, _ = make_stage(tmp_path, pairs, center_rewards=0.5)
+    stage.setup(None)
+    batch = stage.collate(stage.train_examples[:4])
+    with torch.no_grad():
+        stage.policy.heads["reward"].bias.fill_(3.0)  # every reward offset by 3: the term is far from 0
+        loss, _ = stage.train_step(batch)
+        chosen, rejected = stage.pair_rewards(batch)
+    expected = 4 * (bradley_terry_loss(chosen, rejected) + 0.5 * reward_centering_loss(chosen, rejected))
+    torch.testing.assert_close(loss, expected)
+    assert reward_centering_loss(chosen, rejected) > 1.0

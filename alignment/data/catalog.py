@@ -59,3 +59,9 @@ VERBOSE_TEMPLATES = (
     "The image shows a book cover. From the text and colours on it, the answer is {answer}.",
     "{answer}. This can be read from the cover, which shows the title, the author and the style of the book.",
 )
+# Which explaining templates the SFT mix may use: "answer_first" ones start with the concise answer, so
+# the concise answer is a prefix of the explaining one and the two part only at the token after it.
+VERBOSE_STYLES = {
+    "any": VERBOSE_TEMPLATES,
+    "answer_first": tuple(t for t in VERBOSE_TEMPLATES if t.startswith("{answer}")),
+}

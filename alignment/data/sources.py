@@ -100,6 +100,7 @@ def build_datasets(
     off_kind_fraction: float = 0.0,
     sft_verbose_fraction: float = 0.3,
     sft_verbose_rate: float = 1.0,
+    sft_verbose_style: str = "any",
     instruction: str = DEFAULT_INSTRUCTION,
     validation: str = "error",
     tokenizer: Any = None,
@@ -118,7 +119,7 @@ def build_datasets(
     (``set_name``/``split`` column, hub splits); without them, or without an eval split,
     ``eval_fraction`` of the covers go to eval. ``task="sft"`` gives SFT examples, with
     ``sft_verbose_fraction`` of the train answers made verbose (QA sources only; of those
-    phrasings' examples, ``sft_verbose_rate``);
+    phrasings' examples, ``sft_verbose_rate``, with ``sft_verbose_style``'s templates);
     ``task="preference"`` gives preference examples, pairs built from QA sources with
     ``verbose_fraction`` verbose rejections (the rest wrong answers, ``off_kind_fraction`` of those
     answering another kind of question: training pairs only, so held-out pairs stay comparable). Every example is then
@@ -149,7 +150,7 @@ def build_datasets(
 
     if task == "sft" and not scienceqa:
         train, evaluation = (_as_sft(train), _as_sft(evaluation)) if is_pairs else (
-            sft_verbose_mix(train, sft_verbose_fraction, seed, sft_verbose_rate), evaluation)
+            sft_verbose_mix(train, sft_verbose_fraction, seed, sft_verbose_rate, sft_verbose_style), evaluation)
     elif task == "preference" and not is_pairs:
         train = make_preference_pairs(train, verbose_fraction, seed, off_kind_fraction)
         evaluation = make_preference_pairs(evaluation, verbose_fraction, seed + 1)

@@ -103,7 +103,8 @@ def verbose_questions(examples: list[dict[str, Any]], sft_verbose_fraction: floa
 
 
 def sft_verbose_mix(examples: list[dict[str, Any]], sft_verbose_fraction: float = 0.3,
-                    seed: int = 0, sft_verbose_rate: float = 1.0) -> list[dict[str, Any]]:
+                    seed: int = 0, sft_verbose_rate: float = 1.0,
+                    sft_verbose_style: str = "any") -> list[dict[str, Any]]:
     """SFT examples in which the answers to some question phrasings explain, as raw data does.
 
     Verbosity follows the question (``verbose_questions``), each with one fixed explaining
@@ -114,11 +115,16 @@ def sft_verbose_mix(examples: list[dict[str, Any]], sft_verbose_fraction: float 
     only that share of those phrasings' examples (seeded): the model then learns both answers for
     them, explaining one a little more likely, so greedy decoding still explains while the concise
     answer stays close (the starting point PPO can improve on without moving far).
+    ``sft_verbose_style`` picks the templates (``catalog.VERBOSE_STYLES``): "answer_first" ones
+    begin with the concise answer, so SFT learns that answer's tokens from every example.
     """
     if not 0.0 <= sft_verbose_rate <= 1.0:
         raise ValueError(f"sft_verbose_rate must be in [0, 1], got {sft_verbose_rate}")
+    if sft_verbose_style not in catalog.VERBOSE_STYLES:
+        raise ValueError(f"sft_verbose_style must be one of {tuple(catalog.VERBOSE_STYLES)}, "
+                         f"got {sft_verbose_style!r}")
     verbose = verbose_questions(examples, sft_verbose_fraction, seed)
-    templates = catalog.VERBOSE_TEMPLATES
+    templates = catalog.VERBOSE_STYLES[sft_verbose_style]
     template_of = {q: templates[i % len(templates)] for i, q in enumerate(sorted(verbose))}
     rng = random.Random(seed + 7_919)
     explains = [e["question"] in verbose and bool(e["answer"]) and rng.random() < sft_verbose_rate

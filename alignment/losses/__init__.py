@@ -17,7 +17,7 @@ from .ppo import (
     ppo_value_loss,
     ppo_value_loss_sum,
 )
-from .reward import bradley_terry_loss
+from .reward import bradley_terry_loss, reward_centering_loss
 from .sft import sft_loss, sft_loss_sum
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "ppo_policy_loss_sum",
     "ppo_value_loss",
     "ppo_value_loss_sum",
+    "reward_centering_loss",
     "rpo_nll",
     "sequence_logprobs",
     "sft_loss",

@@ -15,7 +15,7 @@ from torch import nn
 
 from alignment.data import collate_preference
 from alignment.evaluate import preference_metrics
-from alignment.losses import bradley_terry_loss
+from alignment.losses import bradley_terry_loss, reward_centering_loss
 from alignment.stages.base import Stage
 from alignment.stages.common import lora_spec, pair_reward_stats, to_device
 
@@ -95,7 +95,10 @@ class RewardModelStage(Stage):
     def train_step(self, batch):
         chosen, rejected = self.pair_rewards(batch)
         n = batch["num_pairs"]
-        loss_sum = bradley_terry_loss(chosen, rejected, self.config.margin) * n
+        loss = bradley_terry_loss(chosen, rejected, self.config.margin)
+        if self.config.center_rewards:
+            loss = loss + self.config.center_rewards * reward_centering_loss(chosen, rejected)
+        loss_sum = loss * n
         return loss_sum, pair_reward_stats(chosen, rejected)
 
     def evaluate(self):
