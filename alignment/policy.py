@@ -299,9 +299,15 @@ class MultimodalPolicy(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def _peft_state(self, name: str) -> dict[str, torch.Tensor]:
+        """PEFT adapter `name`'s own weights. save_embedding_layers=False: with `lm_head: true` PEFT
+        would also return the frozen base head (the whole vocabulary projection)."""
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model, adapter_name=name, save_embedding_layers=False)
+
     def save_adapter(self, name: str, folder: str | Path) -> Path:
         """Write adapter `name` in PEFT's format (adapter_config.json + safetensors), and its head."""
-        from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
         folder = Path(folder)
@@ -311,8 +317,7 @@ class MultimodalPolicy(nn.Module):
             own.save(name, folder)
         else:
             self.model.peft_config[name].save_pretrained(str(folder))
-            # save_embedding_layers=False: with `lm_head: true` PEFT would also save the frozen base head
-            state = get_peft_model_state_dict(self.model, adapter_name=name, save_embedding_layers=False)
+            state = self._peft_state(name)
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / ADAPTER_FILE))
             method = self.adapter_methods.get(name, "lora")
             if method != "lora":
@@ -383,14 +388,13 @@ class MultimodalPolicy(nn.Module):
 
     def copy_adapter(self, source: str, target: str) -> None:
         """Copy the adapter weights (and head) of `source` into the existing adapter `target`."""
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+        from peft import set_peft_model_state_dict
 
         own = self._own_of(source)
         if own is not None:
             own.copy(source, target)
         else:
-            state = get_peft_model_state_dict(self.model, adapter_name=source, save_embedding_layers=False)
-            set_peft_model_state_dict(self.model, state, adapter_name=target)
+            set_peft_model_state_dict(self.model, self._peft_state(source), adapter_name=target)
         if source in self.heads and target in self.heads:
             self.heads[target].load_state_dict(self.heads[source].state_dict())
 

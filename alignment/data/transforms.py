@@ -146,6 +146,8 @@ def make_preference_pairs(examples: list[dict[str, Any]], verbose_fraction: floa
     rng = random.Random(seed)
     off_kind_rng = random.Random(seed + 104_729)  # its own stream: the other pairs stay as they were
     pools = _answer_pools(examples)
+    off_kind = {kind: sorted({a for other, answers in pools.items() if other != kind for a in answers})
+                for kind in pools} if off_kind_fraction else {}  # kind -> the other kinds' answers
     verbose = _chosen_indices(len(examples), verbose_fraction, rng, "verbose_fraction")
     pairs = []
     for i, example in enumerate(examples):
@@ -154,7 +156,7 @@ def make_preference_pairs(examples: list[dict[str, Any]], verbose_fraction: floa
         if rejected is None:
             rejected = verbose_answer(answer, rng)
         elif off_kind_fraction and off_kind_rng.random() < off_kind_fraction:
-            others = sorted({a for kind, answers in pools.items() if kind != example["kind"] for a in answers} - {answer})
+            others = [a for a in off_kind[example["kind"]] if a != answer]
             rejected = off_kind_rng.choice(others) if others else rejected
         pair = {k: v for k, v in example.items() if k != "answer"}
         pairs.append({**pair, "chosen": answer, "rejected": rejected, "answer": answer})

@@ -242,7 +242,7 @@ class PPOStage(Stage):
         cfg, ctx = self.config, self.ctx
         device = self.models["actor"].device
         generator = torch.Generator(device=device).manual_seed((ctx.seed * 1_000_003 + iteration) * 1009 + ctx.rank)
-        prompts = to_device(collate_prompts(examples, self.policy.processor, **self.ctx.prompt_kwargs), device)
+        prompts = self.collate(examples)
         chunk = cfg.eval_batch_size
         with self._eval_mode(), ctx.accelerator.autocast():  # as in the updates, so the first ratio is 1
             parts = [self._sample_chunk(_rows(prompts, start, start + chunk), generator)
@@ -312,6 +312,11 @@ class PPOStage(Stage):
     def collate(self, examples):
         return to_device(collate_prompts(examples, self.policy.processor, **self.ctx.prompt_kwargs), self.policy.device)
 
+    def _prompt_batches(self, examples: list[dict]):
+        """`examples` collated as prompts, `eval_batch_size` at a time (held-out evaluation)."""
+        for start in range(0, len(examples), self.config.eval_batch_size):
+            yield self.collate(examples[start : start + self.config.eval_batch_size])
+
     def count(self, batch: Rollout):
         return int(batch.response_mask.sum())
 
@@ -362,11 +367,8 @@ class PPOStage(Stage):
         `sampled_kl` is), exact match, length."""
         cfg = self.config
         examples = self.eval_examples[: cfg.eval_examples]
-        device = self.models["actor"].device
         predictions, references, kinds, scores, kls = [], [], [], [], []
-        for start in range(0, len(examples), cfg.eval_batch_size):
-            prompts = to_device(collate_prompts(examples[start : start + cfg.eval_batch_size],
-                                                self.policy.processor, **self.ctx.prompt_kwargs), device)
+        for prompts in self._prompt_batches(examples):
             features = self._shared_features(prompts)
             own_features = self._features(name, prompts, features)
             with self.role(name) as model:
@@ -406,12 +408,8 @@ class PPOStage(Stage):
 
     def _sampled_log_ratios(self, examples: list[dict], generator: torch.Generator) -> list[float]:
         """One sampled answer per example: log pi(answer) - log ref(answer) under the sampling distributions."""
-        cfg = self.config
-        device = self.models["actor"].device
         log_ratios = []
-        for start in range(0, len(examples), cfg.eval_batch_size):
-            prompts = to_device(collate_prompts(examples[start : start + cfg.eval_batch_size],
-                                                self.policy.processor, **self.ctx.prompt_kwargs), device)
+        for prompts in self._prompt_batches(examples):
             *_, logprobs, ref_logprobs, mask = self._sample_answers(prompts, generator)
             log_ratios += masked_sum(logprobs - ref_logprobs, mask, dim=1).tolist()
         return log_ratios
