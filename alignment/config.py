@@ -97,6 +97,8 @@ class DataConfig:
     path: str | None = None  # alias for source when it is a local path
     format: str | None = None  # ocrvqa | messages | preference | rlaifv | scienceqa; detected when unset
     num_covers: int = 700  # synthetic covers to generate
+    image_size: int = 112  # synthetic covers' width in px (and height, unless image_height is set)
+    image_height: int | None = None  # synthetic covers' height in px (e.g. 900 for OCR-VQA-like 600x900 portraits)
     seed: int = 0  # data generation and pairing seed
     eval_fraction: float = 0.15  # held-out covers when the source has no eval split
     max_train_examples: int | None = None  # cap on training examples (None: all)
@@ -114,7 +116,8 @@ class DataConfig:
     def __post_init__(self):
         if self.path is not None:
             self.source = self.path
-        _positive(self, "num_covers", "max_length", "max_train_examples", "max_eval_examples")
+        _positive(self, "num_covers", "image_size", "image_height", "max_length", "max_train_examples",
+                  "max_eval_examples")
         _check(0 <= self.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
         _check(self.on_error in ON_ERROR, "data.on_error", f"must be one of {ON_ERROR}")
         for name in ("sft_verbose_fraction", "sft_verbose_rate", "verbose_fraction", "off_kind_fraction"):
@@ -179,7 +182,8 @@ class DPOConfig(StageConfig):
     loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
     label_smoothing: float = 0.0  # conservative DPO's epsilon (sigmoid only)
     rpo_alpha: float = 0.0  # weight of the chosen answers' per-token NLL added to the loss (RPO; 0: plain DPO)
-    precompute_ref_logprobs: bool = False  # one reference pass before training
+    precompute_ref_logprobs: bool = False  # one reference pass before training (over the batches training will see)
+    disable_dropout: bool = True  # dropout (LoRA's too) off for the stage, as TRL does: step 0's log-ratio is exactly 0
     lora: LoraConfig = field(default_factory=LoraConfig)  # used when no adapter is inherited
 
     def __post_init__(self):
@@ -256,6 +260,7 @@ class PPOConfig(StageConfig):
     separate_models: bool = False  # load reference, critic and reward on their own bases (more memory)
     reward_adapter: str | None = None  # reward model folder (default: the last reward stage's output)
     eval_kl_samples: int = 2  # sampled answers per held-out prompt for the evaluation's KL estimate
+    disable_dropout: bool = True  # dropout (LoRA's too) off in every role, as TRL does: rollouts and updates see one policy
     lora: LoraConfig = field(default_factory=LoraConfig)  # adapters that start fresh (policy, critic)
 
     def __post_init__(self):

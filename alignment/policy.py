@@ -125,7 +125,10 @@ class MultimodalPolicy(nn.Module):
         if quantization != "none":
             from peft import prepare_model_for_kbit_training
 
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+            # Non-reentrant checkpointing: PEFT's default (reentrant) cannot backward through image
+            # features computed outside the checkpointed layers ("backward through the graph a second time").
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
             model.requires_grad_(False)
         elif gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -289,12 +292,28 @@ class MultimodalPolicy(nn.Module):
 
     @property
     def vision_is_adapted(self) -> bool:
-        """True when an adapter touches the vision tower or projector (features then differ per adapter)."""
+        """True when any adapter touches the vision tower or projector (features then differ per adapter)."""
+        return any(self.vision_adapted_by(name) for name in self.adapters)
+
+    def vision_adapted_by(self, name: str | None) -> bool:
+        """True when adapter `name` touches the vision tower or projector, so that image features under
+        it differ from the bare base's (None: no adapter, the base). Base weights trained in full (the
+        projector stage's) sit under every adapter and do not make one adapter's features differ."""
         from alignment.adapters.menu import TUNER_PARAM
 
+        if name is None:
+            return False
         vision = r"vision_model|vision_tower|multi_modal_projector"
-        return any(TUNER_PARAM.search(n) and re.search(vision, n) for n, _ in self.model.named_parameters()) or any(
-            own.touches_vision(n) for own in self.own.values() for n in own.names)
+        for param_name, _ in self.model.named_parameters():
+            match = TUNER_PARAM.search(param_name)
+            if match and match.group(2) == name and re.search(vision, param_name):
+                return True
+        own = self._own_of(name)
+        return own is not None and self.adapter_methods.get(name) != "base_weights" and own.touches_vision(name)
+
+    def reference_adapter(self) -> str | None:
+        """The adapter `reference()` runs under: the frozen `reference` copy, else None (the bare base)."""
+        return REFERENCE if REFERENCE in self.adapters else None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -503,10 +522,19 @@ class MultimodalPolicy(nn.Module):
         return torch.stack(new_tokens, dim=1)
 
     def _stop_token_ids(self) -> set[int]:
+        """Token ids that end an answer: the generation config's and text config's EOS ids (Llama 3.2
+        Vision: 128001, 128008, 128009), the tokenizer's EOS, and the chat template's end of turn."""
+        from alignment.data.prompts import prompt_format
+
         tokenizer = self.processor.tokenizer
-        ids = {tokenizer.convert_tokens_to_ids("<|eot_id|>"), tokenizer.eos_token_id}
-        eos = self.config.get_text_config().eos_token_id
-        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        ids = {tokenizer.eos_token_id}
+        end_of_turn = prompt_format(self.processor).end_of_turn
+        end_id = tokenizer.convert_tokens_to_ids(end_of_turn) if end_of_turn else None
+        if isinstance(end_id, int) and end_id != tokenizer.unk_token_id:
+            ids.add(end_id)
+        generation = getattr(self.base_model, "generation_config", None)
+        for eos in (self.config.get_text_config().eos_token_id, getattr(generation, "eos_token_id", None)):
+            ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         return {i for i in ids if i is not None and i >= 0}
 
     def decode(self, tokens: torch.Tensor) -> list[str]:

@@ -220,13 +220,14 @@ def build_data(recipe: RecipeConfig, stage: StageConfig, processor, policy=None)
     data = recipe.data
     train, evaluation, report = build_datasets(
         data.source, format=data.format, task=data_task(stage), eval_fraction=data.eval_fraction,
-        num_covers=data.num_covers, seed=data.seed, max_train_samples=data.max_train_examples,
+        num_covers=data.num_covers, seed=data.seed,
+        image_size=data.image_size if data.image_height is None else (data.image_size, data.image_height), max_train_samples=data.max_train_examples,
         max_eval_samples=data.max_eval_examples, verbose_fraction=data.verbose_fraction,
         off_kind_fraction=data.off_kind_fraction,
         sft_verbose_fraction=data.sft_verbose_fraction, sft_verbose_rate=data.sft_verbose_rate,
         sft_verbose_style=data.sft_verbose_style,
         instruction=data.instruction or DEFAULT_INSTRUCTION,
-        validation=data.on_error, tokenizer=processor.tokenizer, max_length=data.max_length,
+        validation=data.on_error, tokenizer=processor, max_length=data.max_length,
     )
     if data.select is None:
         return train, evaluation, report

@@ -1,5 +1,6 @@
 """DPO stage: one vision-tower pass per preference pair per step, for policy and reference together."""
 
+import pytest
 import torch
 
 from alignment.data import build_datasets
@@ -86,3 +87,27 @@ def test_rpo_alpha_adds_the_chosen_answers_token_nll(tmp_path):
     # Policy == reference at step 0, so each pair's DPO part is ln 2; RPO adds 0.5 x its NLL.
     torch.testing.assert_close(loss, (torch.log(torch.tensor(2.0)) + 0.5 * nll).sum(), atol=1e-4, rtol=0)
     torch.testing.assert_close(torch.tensor(metrics["nll/chosen"]), nll.mean(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_step_zero_log_ratio_is_exactly_zero_in_bf16_with_dropout(tmp_path, precompute):
+    """bf16, 4-bit, LoRA dropout 0.05 (the 11B recipe's): at step 0 the policy equals its reference, and
+    both the live and the precomputed reference pass give a log-ratio of exactly 0 (dropout is off for
+    the stage; reference passes run under the same autocast and on the same micro-batches)."""
+    raw = tiny_recipe(tmp_path, stages=("dpo",), steps=1, batch_size=4)
+    raw["model"].update(dtype="bfloat16", quantization="4bit")
+    raw["stages"][0].update(precompute_ref_logprobs=precompute, eval_examples=0)
+    recipe = recipe_from_dict(raw, "test")
+    policy = MultimodalPolicy.from_pretrained("tiny-mllama", quantization="4bit", dtype=torch.bfloat16)
+    policy.add_adapter("policy", LoraSpec(r=4, dropout=0.05))
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    policy.freeze_reference("policy")
+    train, evaluation, _ = build_datasets(num_covers=40, seed=0, task="preference", max_eval_samples=4)
+    ctx = RunContext(accelerator=make_accelerator(recipe), output_dir=tmp_path)
+    first = DPOStage(recipe.stages[0], policy, ctx, train, evaluation).run(None)["history"][0]
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    assert first["loss"] == pytest.approx(0.6931472, abs=1e-6)
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.05 for m in policy.modules())  # restored after

@@ -75,8 +75,9 @@ def test_rollout_record_shapes_and_padding(tmp_path, prompts, adapters):
     seen, handle = count_images_encoded(policy)
     rollout = stage.make_rollout(stage.train_examples[:4], iteration=0)
     assert seen == [4]  # one vision pass for sampling, old/reference log-probs, values and scores
-    loss, _ = stage.train_step(rollout.select([0, 1]))
-    loss.backward()
+    losses, _ = stage.train_step(rollout.select([0, 1]))
+    assert set(losses) == {"actor", "critic"}  # one summed loss per role, each backpropagated inside it
+    sum(losses.values()).backward()
     handle.remove()
     assert seen == [4]  # updates reuse the rollout's image features
     B, T = rollout.input_ids.shape
@@ -118,6 +119,57 @@ def test_one_iteration_runs_and_logs(tmp_path, prompts, adapters):
         assert key in entry["eval"]
     assert (tmp_path / "ppo" / "adapter_model.safetensors").exists()
     assert (tmp_path / "ppo" / "critic" / "head.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_first_update_has_ratio_one_under_lora_dropout(tmp_path, prompts, dtype):
+    """The 11B recipe's LoRA dropout 0.05 on a 4-bit base: rollouts (eval mode) and updates (train mode)
+    see one policy, because the stage switches dropout off (`disable_dropout`, as TRL does), so the
+    first minibatch's ratio is 1: no clipping, approx_kl 0."""
+    policy = MultimodalPolicy.from_pretrained("tiny-mllama", quantization="4bit", dtype=getattr(torch, dtype))
+    policy.add_adapter("policy", LoraSpec(r=4, dropout=0.05))
+    policy.add_adapter("reward", LoraSpec(r=4, dropout=0.05), head=True)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    policy.save_adapter("policy", tmp_path / "sft")
+    policy.save_adapter("reward", tmp_path / "reward")
+    raw = tiny_recipe(tmp_path / "run", stages=("ppo",), steps=1, batch_size=2)
+    raw["model"].update(quantization="4bit", dtype=dtype)
+    raw["stages"][0].update({"num_minibatches": 1, "ppo_epochs": 1, "max_new_tokens": 4, "eval_examples": 0,
+                             "init_adapter": str(tmp_path / "sft"), "reward_adapter": str(tmp_path / "reward")})
+    recipe = build(raw)
+    fresh = MultimodalPolicy.from_pretrained("tiny-mllama", quantization="4bit", dtype=getattr(torch, dtype))
+    ctx = RunContext(accelerator=make_accelerator(recipe), output_dir=tmp_path / "run")
+    first = PPOStage(recipe.stages[0], fresh, ctx, *prompts).run(None)["history"][0]
+    assert first["clipfrac"] == 0.0
+    assert first["approx_kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_vision_tower_runs_once_per_distinct_vision_adapter(tmp_path, prompts):
+    """An `all`-preset reward adapter (LoRA on the vision tower) makes the reward role encode the images
+    under its own weights; actor, reference and a fresh language-only critic keep sharing one encoding:
+    2 vision passes per rollout chunk, not one per role."""
+    policy = MultimodalPolicy.from_pretrained("tiny-mllama")
+    policy.add_adapter("policy", LoraSpec(r=4))
+    policy.add_adapter("reward", LoraSpec(r=4, preset="all"), head=True)
+    policy.save_adapter("policy", tmp_path / "sft")
+    policy.save_adapter("reward", tmp_path / "reward")
+    raw = tiny_recipe(tmp_path / "run", stages=("ppo",), steps=2, batch_size=2)
+    raw["stages"][0].update({"num_minibatches": 2, "ppo_epochs": 1, "max_new_tokens": 4, "eval_batch_size": 4,
+                             "critic_init": "fresh", "init_adapter": str(tmp_path / "sft"),
+                             "reward_adapter": str(tmp_path / "reward")})
+    recipe = build(raw)
+    fresh = MultimodalPolicy.from_pretrained("tiny-mllama")
+    ctx = RunContext(accelerator=make_accelerator(recipe), output_dir=tmp_path / "run")
+    stage = PPOStage(recipe.stages[0], fresh, ctx, *prompts)
+    stage.setup(None)
+    assert stage.vision_adapted == {"actor": False, "reference": False, "critic": False, "reward": True}
+    seen, handle = count_images_encoded(fresh)
+    stage.make_rollout(stage.train_examples[:4], iteration=0)
+    handle.remove()
+    assert seen == [4, 4]  # one shared encoding + the reward adapter's own
 
 
 def test_shared_base_carries_every_role(tmp_path, prompts, adapters):

@@ -25,7 +25,7 @@ import torch
 
 from alignment.data.catalog import DEFAULT_INSTRUCTION
 from alignment.data.errors import DataValidationError
-from alignment.data.prompts import render_completion, render_prompt
+from alignment.data.prompts import prompt_format
 
 IGNORE_INDEX = -100
 _IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
@@ -44,7 +44,7 @@ def processor_family(processor: Any) -> str:
 
 
 def _encode(processor: Any, texts: list[str], images: list[Any], padding_side: str) -> dict[str, torch.Tensor]:
-    """Run the processor over whole texts (one <|image|> each) with one image per text."""
+    """Run the processor over whole texts (one image placeholder each) with one image per text."""
     encoded = processor(text=texts, images=[[image] for image in images], padding=True,
                         padding_side=padding_side, add_special_tokens=False, return_tensors="pt")
     batch = dict(encoded)
@@ -89,10 +89,12 @@ def _labels(batch: dict[str, torch.Tensor], processor: Any, prompts: list[str], 
 
 def collate_sft(examples: list[dict[str, Any]], processor: Any, max_length: int | None = None,
                 instruction: str = DEFAULT_INSTRUCTION) -> dict[str, Any]:
-    """SFT batch: prompt + ``answer<|eot_id|>``, right-padded, labels on the completion only."""
+    """SFT batch: prompt + answer + end of turn (``<|eot_id|>``), right-padded, labels on the completion only.
+    Prompt and end of turn come from the processor's chat template (`prompt_format`)."""
     ids = [e["id"] for e in examples]
-    prompts = [render_prompt(e["question"], instruction) for e in examples]
-    texts = [p + render_completion(e["answer"]) for p, e in zip(prompts, examples)]
+    fmt = prompt_format(processor)
+    prompts = [fmt.prompt(e["question"], instruction) for e in examples]
+    texts = [p + fmt.completion(e["answer"]) for p, e in zip(prompts, examples)]
     batch = _encode(processor, texts, [e["image"] for e in examples], "right")
     _check_length(batch, ids, max_length)
     batch["labels"] = _labels(batch, processor, prompts, ids)
@@ -109,9 +111,10 @@ def collate_preference(examples: list[dict[str, Any]], processor: Any, max_lengt
     ``num_pairs = B``; ``ids`` has one id per pair.
     """
     ids = [e["id"] for e in examples]
-    prompts = [render_prompt(e["question"], instruction) for e in examples] * 2
+    fmt = prompt_format(processor)
+    prompts = [fmt.prompt(e["question"], instruction) for e in examples] * 2
     answers = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
-    texts = [p + render_completion(a) for p, a in zip(prompts, answers)]
+    texts = [p + fmt.completion(a) for p, a in zip(prompts, answers)]
     images = [e["image"] for e in examples]
     batch = _encode(processor, texts, images + images, "right")
     _check_length(batch, ids, max_length)
@@ -128,7 +131,8 @@ def collate_preference(examples: list[dict[str, Any]], processor: Any, max_lengt
 def collate_prompts(examples: list[dict[str, Any]], processor: Any,
                     instruction: str = DEFAULT_INSTRUCTION) -> dict[str, Any]:
     """Prompts only, left-padded for generation; plus ``answers`` (reference), ``questions``, ``kinds``."""
-    batch = _encode(processor, [render_prompt(e["question"], instruction) for e in examples],
+    fmt = prompt_format(processor)
+    batch = _encode(processor, [fmt.prompt(e["question"], instruction) for e in examples],
                     [e["image"] for e in examples], "left")
     batch["image_index"] = torch.arange(len(examples))
     batch["ids"] = [e["id"] for e in examples]

@@ -95,8 +95,14 @@ def _band(size: tuple[int, int], color: RGB, pattern: str, scale: float) -> Imag
     return band
 
 
-def render_cover(title: str, author: str, genre: str, rng: random.Random, image_size: int = 112) -> Image.Image:
-    """One cover as an RGB image [image_size, image_size]; ``rng`` draws the jitter."""
+def render_cover(title: str, author: str, genre: str, rng: random.Random,
+                 image_size: int | tuple[int, int] = 112) -> Image.Image:
+    """One cover as an RGB image: ``image_size`` square, or (width, height) (e.g. OCR-VQA's portrait
+    600x900: the square design at the width, stretched to the height); ``rng`` draws the jitter."""
+    if not isinstance(image_size, int):
+        width, height = (int(v) for v in image_size)
+        square = render_cover(title, author, genre, rng, width)
+        return square if height == width else square.resize((width, height), Image.Resampling.BICUBIC)
     s, scale = image_size, image_size / 112
     jit = max(1, round(3 * scale))
     background, shape = GENRES[genre]

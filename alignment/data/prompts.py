@@ -1,4 +1,5 @@
-"""Seed 000's prompt format: one image, one question, a concise answer.
+"""Seed 000's prompt format: one image, one question, a concise answer, rendered by the model's
+own chat template.
 
 The seed prints the prompt as::
 
@@ -10,10 +11,16 @@ The lone backslash after the user header is read as Llama 3's ``"\\n\\n"`` that 
     <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n<|image|> {instruction} {question}
     <|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n
 
-(one line, wrapped here) and the completion the model learns is ``{answer}<|eot_id|>``.
+(one line, wrapped here) and the completion the model learns is ``{answer}<|eot_id|>``. That is
+exactly what Llama 3.2 Vision's chat template renders for a user turn [image, " {instruction}
+{question}"]. For another model, `prompt_format(processor)` renders the same turn with that model's
+template and image placeholder (LLaVA's ``<image>``), and reads off what closes an assistant turn.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 from alignment.data.catalog import DEFAULT_INSTRUCTION
 
@@ -26,13 +33,97 @@ IMAGE = "<|image|>"
 # The special tokens the prompt uses, in order of first appearance.
 SPECIAL_TOKENS = (BEGIN_OF_TEXT, START_HEADER, END_HEADER, IMAGE, EOT)
 
+_SENTINEL = "\x00VLMALIGN\x00"
 
-def render_prompt(question: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """One model's rendering of a one-image user turn: ``before`` + text + ``after`` is the prompt
+    (open assistant header included); an answer is closed by ``end_of_turn``."""
+
+    before: str  # BOS, headers and the image placeholder, up to the user's text
+    after: str  # from the end of the user's text to the open assistant header
+    end_of_turn: str  # what closes an assistant answer (Llama 3: <|eot_id|>)
+    image_token: str  # the placeholder one image takes in the text
+    separator: str = " "  # between the placeholder and the text when the template glues them together
+
+    def prompt(self, question: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
+        text = " ".join(part for part in (instruction, question) if part)
+        return f"{self.before}{self.separator if text else ''}{text}{self.after}"
+
+    def completion(self, answer: str) -> str:
+        return f"{answer}{self.end_of_turn}"
+
+
+# Seed 000's format (Llama 3.2 Vision's template), used when no processor is given.
+SEED_000 = PromptFormat(before=f"{BEGIN_OF_TEXT}{START_HEADER}user{END_HEADER}\n\n{IMAGE}",
+                        after=f"{EOT}{START_HEADER}assistant{END_HEADER}\n\n", end_of_turn=EOT, image_token=IMAGE)
+
+
+def render_prompt(question: str, instruction: str = DEFAULT_INSTRUCTION, fmt: PromptFormat = SEED_000) -> str:
     """The user turn with one image and the open assistant header (an empty ``instruction`` is left out)."""
-    user = " ".join(part for part in (IMAGE, instruction, question) if part)  # no double space
-    return f"{BEGIN_OF_TEXT}{START_HEADER}user{END_HEADER}\n\n{user}{EOT}{START_HEADER}assistant{END_HEADER}\n\n"
+    return fmt.prompt(question, instruction)
 
 
-def render_completion(answer: str) -> str:
-    """The assistant's answer closed by ``<|eot_id|>`` (the stop token the model must learn)."""
-    return f"{answer}{EOT}"
+def render_completion(answer: str, fmt: PromptFormat = SEED_000) -> str:
+    """The assistant's answer closed by the turn's end token (Llama 3: ``<|eot_id|>``, the stop token)."""
+    return fmt.completion(answer)
+
+
+def _render(processor: Any, messages: list[dict], generation_prompt: bool) -> str:
+    tokenizer = getattr(processor, "tokenizer", processor)
+    template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+    return tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=generation_prompt,
+                                         tokenize=False)
+
+
+def image_token_of(processor: Any) -> str:
+    """The text placeholder of one image: the processor's `image_token` (``<|image|>``, ``<image>``)."""
+    token = getattr(processor, "image_token", None)
+    if token:
+        return str(token)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    token_id = getattr(processor, "image_token_id", None)
+    return tokenizer.convert_ids_to_tokens(token_id) if token_id is not None else IMAGE
+
+
+def prompt_format(processor: Any) -> PromptFormat:
+    """The processor's `PromptFormat`, read off its chat template once (cached on the processor).
+
+    Without a chat template, seed 000's Llama 3 format with the processor's image placeholder. A BOS
+    the tokenizer would add but the template leaves out is put in front (collators tokenize with
+    ``add_special_tokens=False``); the answer's closing is what the template writes after an
+    assistant message (its trailing whitespace dropped), else the tokenizer's EOS."""
+    cached = getattr(processor, "_vlm_align_prompt_format", None)
+    if cached is not None:
+        return cached
+    image_token = image_token_of(processor)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+    if not template:
+        fmt = PromptFormat(before=SEED_000.before.replace(IMAGE, image_token), after=SEED_000.after,
+                           end_of_turn=SEED_000.end_of_turn, image_token=image_token)
+    else:
+        user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _SENTINEL}]}
+        before, after = _render(processor, [user], True).split(_SENTINEL)
+        answered = _render(processor, [user, {"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}],
+                           False)
+        end_of_turn = answered.split(_SENTINEL)[-1].rstrip() or (tokenizer.eos_token or "")
+        bos = getattr(tokenizer, "bos_token", None)
+        if bos and not before.startswith(bos) and _adds_bos(tokenizer):
+            before = bos + before
+        fmt = PromptFormat(before=before, after=after, end_of_turn=end_of_turn, image_token=image_token,
+                           separator=" " if before.endswith(image_token) else "")
+    try:
+        processor._vlm_align_prompt_format = fmt
+    except AttributeError:
+        pass
+    return fmt
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    try:
+        ids = tokenizer("a")["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot say: assume the template is complete
+        return False
+    return bool(ids) and ids[0] == tokenizer.bos_token_id

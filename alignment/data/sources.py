@@ -91,7 +91,7 @@ def build_datasets(
     eval_split: str = "val",
     eval_fraction: float = 0.1,
     num_covers: int = 700,
-    image_size: int = 112,
+    image_size: int | tuple[int, int] = 112,
     seed: int = 0,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
@@ -111,7 +111,8 @@ def build_datasets(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], ValidationReport]:
     """(train examples, eval examples, validation report) for one data config.
 
-    ``source`` is "synthetic_bookcover" (``num_covers`` covers of ``image_size`` px drawn with
+    ``source`` is "synthetic_bookcover" (``num_covers`` covers of ``image_size`` px, square or (width,
+    height), drawn with
     ``seed``, cached under ``cache_dir``), "scienceqa_fixture" (a generated ScienceQA-format folder of
     ``num_covers`` problems), a local file or folder (ScienceQA's problems.json or parquet included:
     format "scienceqa"), or a hub dataset name;

@@ -66,7 +66,7 @@ def _set_names(num_covers: int, val_fraction: float, test_fraction: float, rng: 
     return names
 
 
-def generate_rows(num_covers: int, seed: int, image_size: int = 112, val_fraction: float = 0.1,
+def generate_rows(num_covers: int, seed: int, image_size: int | tuple[int, int] = 112, val_fraction: float = 0.1,
                   test_fraction: float = 0.1) -> dict[str, list]:
     """The columns of the table (images as ``{"bytes": PNG, "path": None}``), uncached."""
     rng = random.Random(seed)
@@ -90,8 +90,8 @@ def generate_rows(num_covers: int, seed: int, image_size: int = 112, val_fractio
             "title": title,
             "authorName": author,
             "genre": genre,
-            "image_width": image_size,
-            "image_height": image_size,
+            "image_width": image.width,
+            "image_height": image.height,
             "set_name": set_names[i],
         }
         for key, value in row.items():
@@ -99,13 +99,17 @@ def generate_rows(num_covers: int, seed: int, image_size: int = 112, val_fractio
     return columns
 
 
-def synthetic_bookcover_path(num_covers: int = 700, seed: int = 0, image_size: int = 112,
+def synthetic_bookcover_path(num_covers: int = 700, seed: int = 0, image_size: int | tuple[int, int] = 112,
                              val_fraction: float = 0.1, test_fraction: float = 0.1,
                              cache_dir: str | os.PathLike | None = None) -> Path:
     """The parquet file of these covers, generated on first use (about 4.5 QA pairs a cover)."""
     if num_covers < 1:
         raise ValueError(f"num_covers must be >= 1, got {num_covers}")
-    params = {"version": _VERSION, "num_covers": num_covers, "seed": seed, "image_size": image_size,
+    if not isinstance(image_size, int):
+        image_size = tuple(int(v) for v in image_size)
+        image_size = image_size[0] if image_size[0] == image_size[1] else image_size
+    params = {"version": _VERSION, "num_covers": num_covers, "seed": seed,
+              "image_size": image_size if isinstance(image_size, int) else list(image_size),
               "val_fraction": val_fraction, "test_fraction": test_fraction}
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"synthetic_bookcover-{key}.parquet"
@@ -137,7 +141,7 @@ def synthetic_bookcover_path(num_covers: int = 700, seed: int = 0, image_size: i
     return path
 
 
-def synthetic_bookcover(num_covers: int = 700, seed: int = 0, image_size: int = 112,
+def synthetic_bookcover(num_covers: int = 700, seed: int = 0, image_size: int | tuple[int, int] = 112,
                         val_fraction: float = 0.1, test_fraction: float = 0.1,
                         cache_dir: str | os.PathLike | None = None) -> datasets.Dataset:
     """The covers as a ``datasets.Dataset`` (one row per cover, schema in the module docstring)."""

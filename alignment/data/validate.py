@@ -27,7 +27,7 @@ from typing import Any, Literal
 from alignment.data.catalog import DEFAULT_INSTRUCTION
 from alignment.data.errors import DataValidationError, row_error
 from alignment.data.images import ImageProblem, open_image, to_rgb
-from alignment.data.prompts import render_completion, render_prompt
+from alignment.data.prompts import SEED_000, PromptFormat, prompt_format
 
 Policy = Literal["error", "skip"]
 POLICIES = ("error", "skip")
@@ -78,21 +78,26 @@ def _token_count(tokenizer: Any, text: str) -> int:
 
 
 def image_seq_length_of(processor: Any) -> int:
-    """How many input tokens one ``<|image|>`` becomes: 1 for Mllama, the patch count for LLaVA."""
+    """How many input tokens one image placeholder becomes, measured through the processor: 1 for
+    Mllama (whatever its tiles: they are read by cross-attention), 576 for LLaVA at 336 px."""
     from alignment.data.covers import blank_cover
-    from alignment.data.prompts import IMAGE
+    from alignment.data.prompts import image_token_of
 
-    ids = processor(text=[IMAGE], images=[[blank_cover(112)]], add_special_tokens=False)["input_ids"][0]
-    return list(ids).count(processor.image_token_id)
+    token = image_token_of(processor)
+    ids = processor(text=[token], images=[[blank_cover(112)]], add_special_tokens=False)["input_ids"][0]
+    return list(ids).count(processor.tokenizer.convert_tokens_to_ids(token))
 
 
-def _length_tools(tokenizer: Any, image_seq_length: int | None) -> tuple[Any, int]:
-    """(tokenizer, image_seq_length); a processor gives its tokenizer and its image token count."""
+def _length_tools(tokenizer: Any, image_seq_length: int | None) -> tuple[Any, int, PromptFormat]:
+    """(tokenizer, image_seq_length, prompt format); a processor gives its tokenizer, its image token
+    count and its chat template's format; a bare tokenizer seed 000's format and one token per image."""
+    fmt = SEED_000
     if hasattr(tokenizer, "tokenizer") and hasattr(tokenizer, "image_processor"):
+        fmt = prompt_format(tokenizer)
         if image_seq_length is None:
             image_seq_length = image_seq_length_of(tokenizer)
         tokenizer = tokenizer.tokenizer
-    return tokenizer, 1 if image_seq_length is None else image_seq_length
+    return tokenizer, 1 if image_seq_length is None else image_seq_length, fmt
 
 
 def _text_problem(example: dict[str, Any]) -> tuple[str, str, str, str] | None:
@@ -110,13 +115,14 @@ def _text_problem(example: dict[str, Any]) -> tuple[str, str, str, str] | None:
 
 
 def _length_problem(example: dict[str, Any], tokenizer: Any, max_length: int | None, image_seq_length: int,
-                    instruction: str) -> tuple[str, str, str, str] | None:
-    """(reason, field, problem, fix) when prompt + the longest answer is over ``max_length`` tokens."""
+                    instruction: str, fmt: PromptFormat = SEED_000) -> tuple[str, str, str, str] | None:
+    """(reason, field, problem, fix) when prompt + the longest answer is over ``max_length`` tokens,
+    counted as the model sees them (the image placeholder expanded to ``image_seq_length`` tokens)."""
     if max_length is None:
         return None
-    prompt = render_prompt(example["question"], instruction)
+    prompt = fmt.prompt(example["question"], instruction)
     names = ("chosen", "rejected") if "chosen" in example else ("answer",)
-    lengths = {n: _token_count(tokenizer, prompt + render_completion(example[n])) + image_seq_length - 1
+    lengths = {n: _token_count(tokenizer, prompt + fmt.completion(example[n])) + image_seq_length - 1
                for n in names}
     name = max(lengths, key=lengths.get)
     if lengths[name] <= max_length:
@@ -149,8 +155,9 @@ def validate_examples(
     check_policy(policy)
     if max_length is not None and tokenizer is None:
         raise ValueError("max_length needs a tokenizer to count tokens")
+    fmt = SEED_000
     if max_length is not None:
-        tokenizer, image_seq_length = _length_tools(tokenizer, image_seq_length)
+        tokenizer, image_seq_length, fmt = _length_tools(tokenizer, image_seq_length)
     report = report if report is not None else ValidationReport()
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     decoded: dict[Any, tuple[Any, bool] | ImageProblem] = {}  # raw image -> (RGB, converted) or problem
@@ -169,7 +176,7 @@ def validate_examples(
             problem = (image.reason, "image", image.problem, image.fix)
         else:
             problem = _text_problem(example) or _length_problem(
-                example, tokenizer, max_length, image_seq_length, instruction)
+                example, tokenizer, max_length, image_seq_length, instruction, fmt)
         if problem is None:
             report.converted_to_rgb += image[1]
             kept.append({**example, "image": image[0]})

@@ -77,12 +77,17 @@ def inner_model(model):
 
 
 def encode_images(model, pixel_values, aspect_ratio_ids, aspect_ratio_mask, **_) -> torch.Tensor:
-    """pixel_values [N, 1, tiles, 3, H, W] -> cross_attention_states [N, tiles*patches, hidden]."""
+    """pixel_values [N, 1, tiles, 3, H, W] -> cross_attention_states [N, tiles*patches, hidden]
+    (patches = 1601 per 560-px tile of Llama 3.2 Vision), one row per image.
+
+    transformers' own forward reshapes to [N*tiles, patches, hidden] and lets each cross-attention
+    layer regroup the rows by batch; rows here are indexed per image (`image_index`), so the tiles of
+    one image stay in one row, in the order the cross-attention mask expects (tile-major)."""
     core = inner_model(model)
     states = core.vision_model(
         pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask
-    ).last_hidden_state
-    return core.multi_modal_projector(states).reshape(-1, states.shape[-2], core.hidden_size)
+    ).last_hidden_state  # [N, 1, tiles, patches, vision_output_dim]
+    return core.multi_modal_projector(states).reshape(states.shape[0], -1, core.hidden_size)
 
 
 def forward_with_features(model, input_ids, attention_mask, image_features, cross_attention_mask=None, **kwargs):

@@ -76,8 +76,34 @@ def _asset_key(name: str) -> str:
     return hashlib.sha1(weights.read_bytes()).hexdigest()[:12]
 
 
+STANDIN_VERSION = "v1"  # bump when a stand-in's build changes: cached folders are rebuilt
+
+
+def _build_standin(name: str, folder: Path) -> None:
+    """Build real-geometry stand-in `name` (alignment/models/standins.py) into `folder`, atomically."""
+    from alignment.models.standins import build_standin
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+    try:
+        build_standin(name, staging)
+        (staging / _COMPLETE).write_text(name)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """A tiny model's cached folder (built on first use), a local folder, or a hub id unchanged."""
+    """A tiny model's or stand-in's cached folder (built on first use), a local folder, or a hub id."""
+    from alignment.models.standins import STANDINS
+
+    if name_or_path in STANDINS:
+        folder = cache_root() / "models" / f"{name_or_path}-{STANDIN_VERSION}"
+        if not (folder / _COMPLETE).exists():
+            _build_standin(name_or_path, folder)
+        return str(folder)
     if name_or_path in TINY_MODELS:
         folder = cache_root() / "models" / f"{name_or_path}-{_asset_key(name_or_path)}"
         if not (folder / _COMPLETE).exists():

@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -93,9 +94,33 @@ class Stage:
         """What the loss averages over in this micro-batch (tokens, pairs...)."""
         raise NotImplementedError
 
-    def train_step(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        """Summed loss of one micro-batch (a scalar with grad) and metrics to log (floats)."""
+    def train_step(self, batch: dict) -> tuple[torch.Tensor | dict[str, torch.Tensor], dict[str, float]]:
+        """Summed loss of one micro-batch (a scalar with grad) and metrics to log (floats).
+
+        A stage whose roles run under different adapters of one base (PPO's actor and critic) returns
+        `{role: summed loss}`: the loop runs each part's backward inside `backward_context(role)`, so
+        that gradient checkpointing recomputes each role's layers with that role's adapter active."""
         raise NotImplementedError
+
+    def backward(self, loss_sum: torch.Tensor | dict[str, torch.Tensor], scale) -> torch.Tensor:
+        """Backpropagate `train_step`'s loss times `scale`: one backward per role, each inside
+        `backward_context(role)`. Returns the summed loss (detached, float32, on the CPU)."""
+        parts = loss_sum if isinstance(loss_sum, dict) else {"": loss_sum}
+        total = torch.zeros(())
+        for role, part in parts.items():
+            with self.backward_context(role):
+                (part * scale).backward()
+            total += part.detach().float().cpu()
+        return total
+
+    def backward_context(self, role: str):
+        """The context a loss part's backward runs in (PPO: the role's adapter active)."""
+        return nullcontext()
+
+    def models_in_use(self) -> list:
+        """Every `MultimodalPolicy` this stage runs (trained or not): dropout is switched off in all of
+        them for the stage's life when the config says `disable_dropout`."""
+        return self.trained_models()
 
     def evaluate(self) -> dict:
         raise NotImplementedError
@@ -118,13 +143,15 @@ class Stage:
         """Set up, train (resuming if asked), save the adapter, evaluate; returns the report entry."""
         start = time.time()
         self.setup(previous_adapter)
-        steps = self.train()
-        if self.ctx.is_main:
-            self.policy.save_adapter(self.adapter_name, self.dir)
-        self.ctx.accelerator.wait_for_everyone()
-        self.policy.eval()
-        with torch.no_grad():
-            metrics = self.evaluate()
+        no_dropout = getattr(self.config, "disable_dropout", False)
+        with dropout_disabled(self.models_in_use()) if no_dropout else nullcontext():
+            steps = self.train()
+            if self.ctx.is_main:
+                self.policy.save_adapter(self.adapter_name, self.dir)
+            self.ctx.accelerator.wait_for_everyone()
+            self.policy.eval()
+            with torch.no_grad():
+                metrics = self.evaluate()
         losses = [h["loss"] for h in self.history if "loss" in h]
         train = {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                  "skipped_nonfinite_steps": sum(h.get("skipped", 0) for h in self.history)}
@@ -146,6 +173,7 @@ class Stage:
         optimizer = self._optimizer(params)
         stream = ExampleStream(self.train_examples, cfg.batch_size, ctx.seed, ctx.rank, ctx.world_size)
         step = self._resume(optimizer, stream) if ctx.resume else 0
+        self.stream = stream  # before_training may replay the batches to come (DPO's reference pass)
         self.before_training()
         writer = _writer(ctx.output_dir / "runs" / cfg.name, ctx.report_to, ctx.recipe_name) if ctx.is_main else None
         bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.name, disable=not ctx.is_main, dynamic_ncols=True)
@@ -196,8 +224,7 @@ class Stage:
         for batch in batches:
             with ctx.accelerator.autocast():
                 loss_sum, metrics = self.train_step(batch)
-            (loss_sum / total.clamp(min=1)).backward()
-            loss_total += loss_sum.detach().float().cpu()
+            loss_total += self.backward(loss_sum, 1.0 / total.clamp(min=1))
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value / len(batches)
         _all_reduce_grads(params, ctx)
@@ -281,6 +308,22 @@ class Stage:
 
     def _on_sigterm(self, signum, frame) -> None:
         self._sigterm = True
+
+
+@contextmanager
+def dropout_disabled(models: list):
+    """Every dropout (LoRA's included) of `models` at p = 0 inside, restored after. RL and preference
+    stages run with it (TRL's `disable_dropout`): rollouts, reference passes and updates then see
+    one function, so PPO's first ratio is exactly 1 and DPO's first log-ratio exactly 0."""
+    changed = [(m, m.p) for model in {id(x): x for x in models}.values() for m in model.modules()
+               if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    for module, _ in changed:
+        module.p = 0.0
+    try:
+        yield
+    finally:
+        for module, p in changed:
+            module.p = p
 
 
 def rank_seed(seed: int, rank: int) -> int:

@@ -17,6 +17,7 @@ from alignment.evaluate import answer_metrics, generate_answers, preference_metr
 from alignment.losses import dpo_loss, rpo_nll
 from alignment.stages.base import Stage
 from alignment.stages.common import ensure_policy_adapter, pair_reward_stats, to_device
+from alignment.stages.stream import ExampleStream
 
 
 class DPOStage(Stage):
@@ -37,13 +38,15 @@ class DPOStage(Stage):
         return batch["num_pairs"]
 
     def _encode(self, batch):
-        """Image features for the policy and for the reference: one encoding when they agree."""
-        if self.policy.vision_is_adapted:
-            policy_features = self.policy.encode_images(batch)
-            with torch.no_grad(), self.policy.reference():
-                return policy_features, self.policy.encode_images(batch)
+        """Image features for the policy and for the reference: one encoding when neither adapter
+        touches the vision tower (the features are then the base's for both)."""
+        policy = self.policy
+        if policy.vision_adapted_by("policy") or policy.vision_adapted_by(policy.reference_adapter()):
+            policy_features = policy.encode_images(batch)
+            with torch.no_grad(), policy.reference():
+                return policy_features, policy.encode_images(batch)
         with torch.no_grad():
-            features = self.policy.encode_images(batch)
+            features = policy.encode_images(batch)
         return features, features
 
     def _reference_logps(self, batch, features) -> torch.Tensor:
@@ -55,12 +58,23 @@ class DPOStage(Stage):
             return self.policy.completion_logprobs(batch, features)[1]
 
     def before_training(self):
+        """With `precompute_ref_logprobs`, the reference's log-probs of every training pair, computed
+        once: over the very micro-batches the next epoch of training will collate (same rows, same
+        padding, under the same autocast), so the first epoch's log-ratios are exactly the live ones'
+        (0 at step 0); pairs that epoch leaves out in `eval_batch_size` chunks."""
         if not self.config.precompute_ref_logprobs:
             return
         self.reference_logps = {}
-        with torch.no_grad():
-            for start in range(0, len(self.train_examples), self.config.eval_batch_size):
-                batch = self.collate(self.train_examples[start : start + self.config.eval_batch_size])
+        ctx = self.ctx
+        replay = ExampleStream(self.train_examples, self.config.batch_size, ctx.seed, ctx.rank, ctx.world_size)
+        replay.position = getattr(self, "stream", replay).position  # the loop's stream, at its resume point
+        chunks = [replay.next_batch() for _ in range(replay.batches_per_epoch)]
+        seen = {e["id"] for chunk in chunks for e in chunk}
+        rest = [e for e in self.train_examples if e["id"] not in seen]
+        chunks += [rest[i : i + self.config.eval_batch_size] for i in range(0, len(rest), self.config.eval_batch_size)]
+        with torch.no_grad(), self.ctx.accelerator.autocast():
+            for chunk in chunks:
+                batch = self.collate(chunk)
                 _, ref_features = self._encode(batch)
                 with self.policy.reference():
                     logps = self.policy.completion_logprobs(batch, ref_features)[1].tolist()

@@ -98,7 +98,13 @@ class PPOStage(Stage):
         self.rollout_stats: dict[str, float] = {}
         self.before: dict | None = None
         self._stop_at_boundary = False
-        self.vision_adapted = {name: model.vision_is_adapted for name, model in self.models.items()}
+        # Which roles see other image features than the bare base's: only those whose own adapter
+        # touches the vision tower (an `all`-preset reward adapter makes the reward role re-encode, not
+        # every role).
+        self.vision_adapted = {
+            name: (model.vision_adapted_by(model.reference_adapter()) if name == "reference"
+                   else model.vision_adapted_by(ADAPTERS[name]))
+            for name, model in self.models.items()}
 
     def _policy_source(self, previous_adapter: Path | None) -> Path | None:
         """`init_adapter`, else the output of the last sft/dpo/ppo stage before this one."""
@@ -119,6 +125,14 @@ class PPOStage(Stage):
 
     def trained_models(self):
         return list({id(m): m for m in (self.models["actor"], self.models["critic"])}.values())
+
+    def models_in_use(self):
+        return list({id(m): m for m in self.models.values()}.values())
+
+    def backward_context(self, role: str):
+        """Each role's loss is backpropagated with its adapter active: gradient checkpointing recomputes
+        the role's layers during backward, under whatever adapter is active then."""
+        return self.role(role)
 
     def run(self, previous_adapter=None):
         entry = super().run(previous_adapter)
@@ -173,8 +187,10 @@ class PPOStage(Stage):
         """Answer-token log-probs `[B, T-1]` under the distribution rollouts sample from (logits /
         temperature, as in the updates), and the answer mask `[B, T-1]`."""
         logits = model.forward(batch, features).logits[:, :-1].float() / self.config.temperature
-        mask = (batch["labels"][:, 1:] != -100).float()
-        logprobs = gather_logprobs(logits, batch["input_ids"][:, 1:])
+        targets = batch["labels"][:, 1:]
+        mask = (targets != -100).float()
+        # gathered at the answer tokens only: prompt ids may lie past the output head (<|image|> = 128256)
+        logprobs = gather_logprobs(logits, targets.clamp(min=0))
         return torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs)), mask
 
     def _answer_batch(self, prompts: dict, tokens: torch.Tensor) -> dict:
@@ -326,7 +342,7 @@ class PPOStage(Stage):
         with self.role("actor") as actor:
             logits = actor.forward(inputs, self._features("actor", inputs, batch.image_features, grad=True)).logits
         logits = logits[:, :-1].float() / cfg.temperature
-        logprobs = gather_logprobs(logits, inputs["input_ids"][:, 1:])
+        logprobs = gather_logprobs(logits, inputs["labels"][:, 1:].clamp(min=0))  # answer tokens only (see above)
         policy_sum, clipped, approx_kl_sum, tokens = ppo_policy_loss_sum(
             logprobs, batch.old_logprobs, batch.advantages, mask, cfg.clip_range)
         with self.role("critic") as critic:
@@ -336,7 +352,7 @@ class PPOStage(Stage):
         n = max(1, int(tokens))
         with torch.no_grad():
             entropy = masked_mean(entropy_from_logits(logits), mask).item()
-        return policy_sum + cfg.vf_coef * value_sum, {
+        return {"actor": policy_sum, "critic": cfg.vf_coef * value_sum}, {
             "policy_loss": policy_sum.item() / n,
             "value_loss": value_sum.item() / n,
             "clipfrac": int(clipped) / n,

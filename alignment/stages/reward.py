@@ -83,7 +83,7 @@ class RewardModelStage(Stage):
     def pair_rewards(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen [P], rejected [P]) rewards; each pair's image is encoded once for both rows."""
         with self.policy.use_adapter(ADAPTER):
-            if self.policy.vision_is_adapted:
+            if self.policy.vision_adapted_by(ADAPTER):
                 features = self.policy.encode_images(batch)
             else:
                 with torch.no_grad():
