@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
-SPLITS = ("auto", "eval", "all")
+SPLITS = ("auto", "eval", "test", "all")
 
 
 # ----------------------------------------------------------------------------- parsers
@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="overrides of the run's recipe, e.g. data.path=heldout.jsonl data.format=messages "
                                "stages.1.eval_batch_size=8")
     evaluate.add_argument("--split", choices=SPLITS, default="auto",
-                          help="eval: the data's held-out split; all: every row; auto (default): eval for the "
-                               "run's own data, all when data.* settings are overridden")
+                          help="eval: the data's held-out (val) split; test: its test split (never tuned on); "
+                               "all: every row; auto (default): eval for the run's own data, all when data.* "
+                               "settings are overridden")
     evaluate.add_argument("--limit", type=int, default=None,
                           help="evaluate at most N examples (default: the stage's eval_examples for the eval "
                                "split, every example for --split all)")
@@ -98,10 +99,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from alignment.config import ConfigError
     from alignment.data.errors import DataValidationError
     from alignment.merge import MergeError
+    from alignment.models.registry import ModelAccessError
     from alignment.stages.base import NonFiniteLossError
     from alignment.stages.checkpoint import CheckpointError
 
-    return (ConfigError, DataValidationError, CheckpointError, NonFiniteLossError, MergeError, FileNotFoundError)
+    return (ConfigError, DataValidationError, CheckpointError, NonFiniteLossError, MergeError, FileNotFoundError,
+            ModelAccessError)
 
 
 def _guarded(command, args) -> int:
@@ -134,8 +137,10 @@ def _train(args) -> int:
         print("dry run ok: " + json.dumps(report["stages"]))
     else:
         for stage in report["stages"]:
-            metrics = {k: round(v, 4) for k, v in stage["eval"].items() if isinstance(v, float) and "/" not in k}
-            print(f"{stage['name']}: {json.dumps(metrics)}")
+            for split, key in (("val", "eval"), ("test", "test")):
+                metrics = {k: round(v, 4) for k, v in stage.get(key, {}).items() if isinstance(v, float) and "/" not in k}
+                if metrics:
+                    print(f"{stage['name']} [{split}]: {json.dumps(metrics)}")
     return 0
 
 
@@ -192,7 +197,7 @@ def evaluate_stage(recipe, index: int, split: str = "eval", limit: int | None = 
 
     import torch
 
-    from alignment.recipe import build_data, make_accelerator
+    from alignment.recipe import build_data, build_test_data, make_accelerator
     from alignment.stages import STAGES, RunContext
 
     config = recipe.stages[index]
@@ -203,6 +208,12 @@ def evaluate_stage(recipe, index: int, split: str = "eval", limit: int | None = 
     policy = load_base(recipe, accelerator.device)
     train, evaluation, report = build_data(recipe, config, policy.processor)
     examples = train + evaluation if split == "all" else evaluation
+    if split == "test":
+        examples = build_test_data(recipe, config, policy.processor)
+        if not examples:
+            from alignment.config import ConfigError
+
+            raise ConfigError(f"data source {recipe.data.source} has no `test` split")
     config.eval_examples = limit if limit is not None else (len(examples) if split == "all" else config.eval_examples)
     out = Path(recipe.output_dir)
     instruction = _instruction(recipe)
@@ -267,9 +278,10 @@ def _eval(args) -> int:
     os.replace(tmp, out)
 
     reported = {}
-    if split == "eval" and (run_dir / "report.json").exists():
+    if split in ("eval", "test") and (run_dir / "report.json").exists():
         entries = json.loads((run_dir / "report.json").read_text()).get("stages", [])
-        reported = next((_scalars(e.get("eval", {})) for e in entries if e.get("name") == config.name), {})
+        key = "eval" if split == "eval" else "test"
+        reported = next((_scalars(e.get(key, {})) for e in entries if e.get("name") == config.name), {})
     header = ["metric", "value"] + (["report.json"] if reported else [])
     rows = [header] + [[key, _fmt(value)] + ([_fmt(reported.get(key, "-"))] if reported else [])
                        for key, value in scalars.items()]

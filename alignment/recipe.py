@@ -211,17 +211,15 @@ def data_task(stage: StageConfig) -> str:
     return "sft" if stage.type in ("sft", "ppo", "projector") else "preference"
 
 
-def build_data(recipe: RecipeConfig, stage: StageConfig, processor, policy=None):
-    """(train, eval, validation report) for one stage: QA examples for sft, pairs for dpo/reward/ppo;
-    with `data.select` and a `policy`, the training examples are pruned on its embeddings."""
-    from alignment.data import build_datasets
+def _dataset_args(recipe: RecipeConfig, stage: StageConfig, processor) -> dict:
+    """`build_datasets` keywords of a recipe's data section for one stage (the processor counts tokens)."""
     from alignment.data.catalog import DEFAULT_INSTRUCTION
 
     data = recipe.data
-    train, evaluation, report = build_datasets(
-        data.source, format=data.format, task=data_task(stage), eval_fraction=data.eval_fraction,
-        num_covers=data.num_covers, seed=data.seed,
-        image_size=data.image_size if data.image_height is None else (data.image_size, data.image_height), max_train_samples=data.max_train_examples,
+    return dict(
+        format=data.format, task=data_task(stage), eval_fraction=data.eval_fraction,
+        num_covers=data.num_covers, seed=data.seed, max_train_samples=data.max_train_examples,
+        image_size=data.image_size if data.image_height is None else (data.image_size, data.image_height),
         max_eval_samples=data.max_eval_examples, verbose_fraction=data.verbose_fraction,
         off_kind_fraction=data.off_kind_fraction,
         sft_verbose_fraction=data.sft_verbose_fraction, sft_verbose_rate=data.sft_verbose_rate,
@@ -229,6 +227,23 @@ def build_data(recipe: RecipeConfig, stage: StageConfig, processor, policy=None)
         instruction=data.instruction or DEFAULT_INSTRUCTION,
         validation=data.on_error, tokenizer=processor, max_length=data.max_length,
     )
+
+
+def build_test_data(recipe: RecipeConfig, stage: StageConfig, processor) -> list:
+    """The stage's `test` examples (the split nothing is tuned on; empty when the source has none)."""
+    from alignment.data import build_datasets
+
+    return build_datasets(recipe.data.source, test_split="test", **_dataset_args(recipe, stage, processor))[1]
+
+
+def build_data(recipe: RecipeConfig, stage: StageConfig, processor, policy=None):
+    """(train, eval, validation report) for one stage: QA examples for sft, pairs for dpo/reward/ppo;
+    with `data.select` and a `policy`, the training examples are pruned on its embeddings."""
+    from alignment.data import build_datasets
+    from alignment.data.catalog import DEFAULT_INSTRUCTION
+
+    data = recipe.data
+    train, evaluation, report = build_datasets(data.source, **_dataset_args(recipe, stage, processor))
     if data.select is None:
         return train, evaluation, report
     if policy is None:
@@ -281,19 +296,31 @@ def run_recipe(recipe: RecipeConfig, dry_run: bool = False, accelerator=None) ->
 
     policy = load_policy()
     instruction = recipe.data.instruction or DEFAULT_INSTRUCTION
-    datasets, by_task = {}, {}
+    datasets, by_task, tests = {}, {}, {}
     for stage in recipe.stages:
         task = data_task(stage)  # stages of one task share their data (and its pruning, done once)
         if task not in by_task:
             by_task[task] = build_data(recipe, stage, policy.processor, None if dry_run else policy)
+            tests[task] = build_test_data(recipe, stage, policy.processor)
         datasets[stage.name] = by_task[task]
         train, evaluation, report = datasets[stage.name]
         if accelerator.is_main_process:
-            tqdm.write(f"[{stage.name}] data: {len(train)} train, {len(evaluation)} eval; {report.summary()}")
-    if dry_run:
-        return {"recipe": recipe.name, "dry_run": True,
-                "stages": [{"name": s.name, "train": len(datasets[s.name][0]), "eval": len(datasets[s.name][1])}
-                           for s in recipe.stages]}
+            tqdm.write(f"[{stage.name}] data: {len(train)} train, {len(evaluation)} val, "
+                       f"{len(tests[task])} test; {report.summary()}")
+    if dry_run:  # one real micro-batch per stage through the real processor and model
+        from alignment.stages.probe import describe_probe, probe_stage
+
+        ctx = RunContext(accelerator=accelerator, output_dir=out, seed=recipe.seed,
+                         collate_kwargs={"instruction": instruction, "max_length": recipe.data.max_length},
+                         prompt_kwargs={"instruction": instruction})
+        stages = []
+        for s in recipe.stages:
+            facts = probe_stage(STAGES[s.type], s, policy, ctx, datasets[s.name][0])
+            if accelerator.is_main_process:
+                tqdm.write(describe_probe(s.name, facts))
+            stages.append({"name": s.name, "train": len(datasets[s.name][0]), "eval": len(datasets[s.name][1]),
+                           "batch": facts})
+        return {"recipe": recipe.name, "dry_run": True, "stages": stages}
 
     report_path = out / "report.json"
     report = {"recipe": recipe.name, "model": recipe.model.name, "stages": []}
@@ -320,7 +347,8 @@ def run_recipe(recipe: RecipeConfig, dry_run: bool = False, accelerator=None) ->
             stage_types={s.name: s.type for s in recipe.stages[: recipe.stages.index(stage_config)]},
             load_policy=load_policy, report_to=tuple(recipe.report_to),
         )
-        stage = STAGES[stage_config.type](stage_config, policy, ctx, train, evaluation)
+        stage = STAGES[stage_config.type](stage_config, policy, ctx, train, evaluation,
+                                          test_examples=tests[data_task(stage_config)])
         entry = stage.run(previous_adapter)
         previous_adapter = stage_dir
         report["stages"] = [s for s in report["stages"] if s["name"] != entry["name"]] + [entry]

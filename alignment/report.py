@@ -88,10 +88,12 @@ def _stage_section(stage: dict) -> list[str]:
              f"{stage.get('steps', '?')} steps in {_fmt(stage.get('seconds'))} s. "
              f"Training loss {_fmt(stage.get('train', {}).get('loss_first'))} -> "
              f"{_fmt(stage.get('train', {}).get('loss_last'))}.", "",
-             "| metric | value |", "|---|---|"]
+             "| metric | val | test |", "|---|---|---|"]
     metrics = {k: v for k, v in stage.get("eval", {}).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    lines += [f"| {key} | {_fmt(value)} |" for key, value in metrics.items()]
+    test = stage.get("test") or {}
+    lines += [f"| {key} | {_fmt(value)} | {_fmt(test.get(key)) if key in test else '-'} |"
+              for key, value in metrics.items()]
     samples = stage.get("eval", {}).get("samples") or []
     if samples:
         lines += ["", "Held-out examples (greedy):", "", "| question | reference | answer |", "|---|---|---|"]
@@ -140,7 +142,8 @@ def write_model_card(path: Path, recipe, report: dict) -> None:
         "",
         "## Results",
         "",
-        "Metrics on held-out examples, computed after each stage (`report.json` has them all).",
+        "Metrics on held-out examples after each stage: `val` (what recipes are tuned on) and `test` (never "
+        "used for tuning); `report.json` has them all.",
         "",
     ]
     for stage in stages:

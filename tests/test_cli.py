@@ -49,14 +49,28 @@ def test_train_leaves_recipe_report_curves_and_model_card(run):
     assert recipe.report_to == ["tensorboard"] and list((run / "runs" / "dpo").glob("events.out.tfevents.*"))
     report = json.loads((run / "report.json").read_text())
     assert [s["name"] for s in report["stages"]] == ["sft", "dpo"]
+    for stage in report["stages"]:  # the test split beside val, with the same metrics
+        overall = {k for k in stage["eval"] if "/" not in k}  # per-kind keys depend on the kinds drawn
+        assert {k for k in stage["test"] if "/" not in k} == overall, stage["name"]
+        assert stage["test"]["samples"] != stage["eval"]["samples"]
     assert (run / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (run / "README.md").read_text()
-    for text in ("## Results", "### sft (sft)", "### dpo (dpo)", "| preference_accuracy |", "## Data",
+    for text in ("## Results", "### sft (sft)", "### dpo (dpo)", "| preference_accuracy |", "| metric | val | test |",
+                 "## Data",
                  f"vlm-align train {run}/recipe.yaml", f"vlm-align eval {run}/dpo", f"vlm-align generate {run}/dpo",
                  f"vlm-align merge {run}/dpo", "![training curves](training_curves.png)"):
         assert text in card, text
     recipe_block = card.split("```yaml\n", 1)[1].split("```", 1)[0]
     assert yaml.safe_load(recipe_block) == yaml.safe_load((run / "recipe.yaml").read_text())
+
+
+def test_eval_on_the_test_split_reproduces_the_reports_test_block(run, tmp_path):
+    out = tmp_path / "test.json"
+    assert main(["eval", str(run / "dpo"), "--split", "test", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    entry = next(s for s in json.loads((run / "report.json").read_text())["stages"] if s["name"] == "dpo")
+    assert result["data"]["split"] == "test"
+    assert result["metrics"] == pytest.approx(_scalars(entry["test"]), abs=1e-6)
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])

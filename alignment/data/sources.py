@@ -108,6 +108,7 @@ def build_datasets(
     image_seq_length: int | None = None,
     blind: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    test_split: str | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], ValidationReport]:
     """(train examples, eval examples, validation report) for one data config.
 
@@ -127,6 +128,10 @@ def build_datasets(
     validated with policy ``validation`` ("error" or "skip"); ``tokenizer`` (or the processor)
     and ``max_length`` add the length check. ``blind=True`` replaces every image by one gray
     image (the image-blind control).
+
+    With ``test_split`` (e.g. "test"), only that split's rows come back, as the eval examples (train
+    is empty): held out like eval, paired and capped the same way, never carved out of train (a source
+    without such rows gives none).
     """
     check_policy(validation)
     if task not in TASKS:
@@ -145,7 +150,10 @@ def build_datasets(
     if not examples:
         raise DataSourceError(f"{source}: no usable rows ({report.summary()})")
     is_pairs = "chosen" in examples[0]  # preference and rlaifv rows
-    train, evaluation = _splits(examples, train_split, eval_split, eval_fraction, str(source))
+    if test_split is not None:
+        train, evaluation = [], [e for e in examples if _in_split(e.get("split"), test_split)]
+    else:
+        train, evaluation = _splits(examples, train_split, eval_split, eval_fraction, str(source))
     train = _subsample(train, max_train_samples, seed)
     evaluation = _subsample(evaluation, max_eval_samples, seed + 1)
 

@@ -119,13 +119,57 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+class ModelAccessError(RuntimeError):
+    """A hub model could not be loaded (offline, gated, missing); the message names the model and the remedy."""
+
+
+def hub_error(name: str, error: BaseException) -> ModelAccessError:
+    """One line for a failed hub load: what went wrong with model `name`, and what to do."""
+    chain, cause = [], error
+    while cause is not None and len(chain) < 8:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    kinds = {type(e).__name__ for e in chain}
+    text = " ".join(str(e) for e in chain).lower()
+    local = "or pass model.name=<local folder> holding the checkpoint"
+    if "GatedRepoError" in kinds or "gated repo" in text or "restricted" in text:
+        reason = (f"model {name!r} is gated on the Hugging Face Hub: accept its licence on its Hub page, log in "
+                  f"(`hf auth login` or HF_TOKEN), {local}")
+    elif "RepositoryNotFoundError" in kinds or "not a valid model identifier" in text or "404" in text:
+        reason = (f"model {name!r} is neither a local folder nor a Hub repository you can see: check the name "
+                  f"(private repos need a login: `hf auth login` or HF_TOKEN), {local}")
+    elif "LocalEntryNotFoundError" in kinds or "couldn't connect" in text or "offline" in text:
+        reason = (f"model {name!r} is not in the local Hub cache and the Hub cannot be reached "
+                  f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}): download it where there is a network "
+                  f"(`hf download {name}`) and run with HF_HUB_OFFLINE=1, {local}")
+    else:
+        reason = f"model {name!r} could not be loaded: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+    return ModelAccessError(reason)
+
+
+def _from_hub(name: str, load):
+    """`load()`, with a hub failure for a hub id turned into one `ModelAccessError` line."""
+    import logging
+
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retry warnings would precede the one line below
+    try:
+        return load()
+    except OSError as error:
+        if Path(name).expanduser().exists():
+            raise
+        raise hub_error(name, error) from error
+    finally:
+        hub_logger.setLevel(level)
+
+
 def load_processor(name_or_path: str, trust_remote_code: bool = False):
     """The model's processor (tokenizer + image processor); right padding by default."""
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(
-        resolve_model_path(name_or_path), trust_remote_code=trust_remote_code
-    )
+    path = resolve_model_path(name_or_path)
+    processor = _from_hub(name_or_path, lambda: AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code))
     tokenizer = processor.tokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = "<|finetune_right_pad_id|>" if "<|finetune_right_pad_id|>" in tokenizer.get_vocab() else tokenizer.eos_token
@@ -164,7 +208,7 @@ def load_model(
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     path = resolve_model_path(name_or_path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = _from_hub(name_or_path, lambda: AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
     family = family_of(config)
     kwargs = {}
     quant = quantization_config(family, quantization, dtype)
@@ -173,7 +217,5 @@ def load_model(
         kwargs["device_map"] = device_map or ({"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"})
     elif device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
-    )
-    return model
+    return _from_hub(name_or_path, lambda: AutoModelForImageTextToText.from_pretrained(
+        path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs))

@@ -71,12 +71,14 @@ class Stage:
     type = ""
     adapter_name = "policy"
 
-    def __init__(self, config: StageConfig, policy, ctx: RunContext, train_examples: list, eval_examples: list):
+    def __init__(self, config: StageConfig, policy, ctx: RunContext, train_examples: list, eval_examples: list,
+                 test_examples: list | None = None):
         self.config = config
         self.policy = policy
         self.ctx = ctx
         self.train_examples = train_examples
-        self.eval_examples = eval_examples
+        self.eval_examples = eval_examples  # the `val` split: what recipes are tuned on
+        self.test_examples = test_examples or []  # the `test` split: reported beside val, never tuned on
         self.dir = ctx.output_dir / config.name
         self.history: list[dict] = []
         self.nonfinite_steps = 0
@@ -125,6 +127,14 @@ class Stage:
     def evaluate(self) -> dict:
         raise NotImplementedError
 
+    def evaluate_on(self, examples: list) -> dict:
+        """`evaluate` on other held-out examples (the `test` split): the same metrics, the same keys."""
+        saved, self.eval_examples = self.eval_examples, examples
+        try:
+            return self.evaluate()
+        finally:
+            self.eval_examples = saved
+
     def before_training(self) -> None:
         """Optional work after setup and resume, before the first step (e.g. reference passes)."""
 
@@ -152,14 +162,17 @@ class Stage:
             self.policy.eval()
             with torch.no_grad():
                 metrics = self.evaluate()
+                test = self.evaluate_on(self.test_examples) if self.test_examples else None
         losses = [h["loss"] for h in self.history if "loss" in h]
         train = {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                  "skipped_nonfinite_steps": sum(h.get("skipped", 0) for h in self.history)}
         last = self.history[-1] if self.history else {}
         train.update({k: v for k, v in last.items() if k not in ("step", "loss", "skipped")})
-        return {"name": self.config.name, "type": self.type, "steps": steps,
-                "seconds": round(time.time() - start, 1), "train": train, "eval": metrics,
-                "history": self.history}
+        entry = {"name": self.config.name, "type": self.type, "steps": steps,
+                 "seconds": round(time.time() - start, 1), "train": train, "eval": metrics}
+        if test is not None:
+            entry["test"] = test
+        return {**entry, "history": self.history}
 
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)

@@ -430,6 +430,15 @@ class PPOStage(Stage):
             log_ratios += masked_sum(logprobs - ref_logprobs, mask, dim=1).tolist()
         return log_ratios
 
+    def evaluate_on(self, examples):
+        """The same evaluation on other held-out prompts; the starting policy (the frozen reference)
+        is scored on them too."""
+        saved, self.before = self.before, None
+        try:
+            return super().evaluate_on(examples)
+        finally:
+            self.before = saved
+
     def evaluate(self):
         with self.ctx.accelerator.autocast():
             if self.before is None:  # evaluated without training (max_steps reached before a resume)
