@@ -165,3 +165,40 @@ def test_every_tiny_recipe_passes_dry_run_with_options_anywhere(path, tmp_path, 
     assert main(["train", str(path), "--dry-run", f"output_dir={out}"]) == 0
     printed = capsys.readouterr().out
     assert "dry run ok" in printed and not out.joinpath("report.json").exists()  # validated, trained nothing
+
+
+def test_an_unreachable_hub_model_is_one_error_line(tmp_path, capsys):
+    """HF_HUB_OFFLINE=1 (conftest) and no cached copy: one `error:` line naming the model and the remedies."""
+    code = main(["train", "recipes/dpo_llama32_vision_11b.yaml", f"output_dir={tmp_path}", "--dry-run"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: model 'meta-llama/Llama-3.2-11B-Vision-Instruct'")
+    assert "HF_HUB_OFFLINE" in err[0] and "model.name=<local folder>" in err[0]
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("GatedRepoError", "is gated on the Hugging Face Hub: accept its licence"),
+    ("RepositoryNotFoundError", "is neither a local folder nor a Hub repository"),
+    ("LocalEntryNotFoundError", "is not in the local Hub cache"),
+])
+def test_hub_failures_name_their_remedy(kind, expected):
+    from alignment.models.registry import hub_error
+
+    cause = type(kind, (Exception,), {})("the hub said no")
+    error = OSError("loading failed")
+    error.__cause__ = cause
+    message = str(hub_error("org/model", error))
+    assert expected in message and "'org/model'" in message and "\n" not in message
+
+
+def test_dry_run_counts_llava_image_tokens_and_runs_a_real_batch(tmp_path, capsys):
+    """A LLaVA whose placeholder is `<image>` (576 tokens at 336 px): the length check counts the image
+    as the model sees it, so max_length 256 fails at the dry run, naming the row; 1024 passes, and the
+    dry run collates and forwards one real batch per stage."""
+    base = ["train", "recipes/dpo_bookcover.yaml", "model.name=standin-llava", "data.num_covers=20",
+            "stages.0.batch_size=2", "stages.1.batch_size=2", "--dry-run"]
+    assert main([*base, f"output_dir={tmp_path / 'a'}"]) == 2
+    err = capsys.readouterr().err
+    assert "over max_length=256" in err and "sample" in err
+    assert main([*base, f"output_dir={tmp_path / 'b'}", "data.max_length=1024"]) == 0
+    out = capsys.readouterr()
+    assert "[dpo] real batch ok: 4 rows" in out.err + out.out and "576 vision tokens each" in out.err + out.out
