@@ -151,11 +151,21 @@ def _text_ids() -> dict:
     return dict(bos_token_id=FIRST_SPECIAL, eos_token_id=list(STOP_IDS), pad_token_id=PAD_ID)
 
 
-def mllama_config():
+def mllama_config(full_width: bool = False):
     """Llama-3.2-11B-Vision's geometry at small width: vision 32 wide (2+1 layers), text 64 wide
-    (4 layers, cross-attention at 1 and 3), the real vocabulary, rope and image geometry."""
+    (4 layers, cross-attention at 1 and 3), the real vocabulary, rope and image geometry.
+    `full_width=True`: the 11B's own sizes too (vision 1280 wide, 32+8 layers; text 4096 wide,
+    40 layers, cross-attention every 5th from 3): about 10.7B parameters, for the GPU check."""
     from transformers import MllamaConfig
 
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    if full_width:  # MllamaConfig's defaults are the 11B's sizes
+        vision = dict(image_size=MLLAMA_IMAGE_SIZE, patch_size=PATCH_SIZE, max_num_tiles=MLLAMA_MAX_TILES,
+                      supported_aspect_ratios=MLLAMA_ASPECT_RATIOS)
+        text = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=131072, rope_parameters=rope,
+                    tie_word_embeddings=False, **_text_ids())
+        return MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID)
     vision = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
         image_size=MLLAMA_IMAGE_SIZE, patch_size=PATCH_SIZE, max_num_tiles=MLLAMA_MAX_TILES,
@@ -164,9 +174,7 @@ def mllama_config():
     text = dict(
         vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, cross_attention_layers=[1, 3], max_position_embeddings=131072,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        tie_word_embeddings=False, **_text_ids(),
+        rope_parameters=rope, tie_word_embeddings=False, **_text_ids(),
     )
     return MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID)
 
@@ -212,8 +220,10 @@ def llava_processor():
 STANDINS = {"standin-mllama": "mllama", "standin-llava": "llava"}
 
 
-def build_standin(name: str, folder: str | Path, seed: int = 0) -> Path:
-    """Write stand-in `name`'s processor, config, generation config and random weights into `folder`."""
+def build_standin(name: str, folder: str | Path, seed: int = 0, full_width: bool = False,
+                  device: str = "cpu", dtype=None) -> Path:
+    """Write stand-in `name`'s processor, config, generation config and random weights into `folder`
+    (`full_width`: Mllama at the 11B's own sizes, initialised on `device` in `dtype`)."""
     import torch
     from transformers import GenerationConfig, LlavaForConditionalGeneration, MllamaForConditionalGeneration
 
@@ -228,7 +238,13 @@ def build_standin(name: str, folder: str | Path, seed: int = 0) -> Path:
     if family == "mllama":
         from alignment.models.mllama import open_cross_attention_gates
 
-        model = MllamaForConditionalGeneration(mllama_config())
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype or torch.float32)
+        try:
+            with torch.device(device):
+                model = MllamaForConditionalGeneration(mllama_config(full_width))
+        finally:
+            torch.set_default_dtype(default_dtype)
         open_cross_attention_gates(model)  # a random model's cross-attention must matter to be tested
     else:
         model = LlavaForConditionalGeneration(llava_config())
