@@ -266,7 +266,33 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
 
 
 def run_recipe(recipe: RecipeConfig, dry_run: bool = False, accelerator=None) -> dict:
-    """Run every stage in order (each starting from the previous stage's adapter); returns the report."""
+    """Run every stage in order (each starting from the previous stage's adapter); returns the report.
+
+    A run (not a dry run) holds `<output_dir>/run.lock` for its life (`alignment.runlock`): a second
+    run into the folder of a live one stops with one error line on every rank."""
+    from contextlib import ExitStack
+
+    from alignment.runlock import RunLockError, run_lock
+
+    accelerator = accelerator or make_accelerator(recipe)
+    with ExitStack() as stack:
+        refused = [None]
+        if not dry_run and accelerator.is_main_process:
+            _check_writable(Path(recipe.output_dir))
+            try:
+                stack.enter_context(run_lock(recipe.output_dir))
+            except RunLockError as error:
+                refused = [str(error)]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(refused)
+        if refused[0]:
+            raise RunLockError(refused[0])
+        return _run_recipe(recipe, dry_run, accelerator)
+
+
+def _run_recipe(recipe: RecipeConfig, dry_run: bool, accelerator) -> dict:
     import torch
     from tqdm.auto import tqdm
 
@@ -276,7 +302,6 @@ def run_recipe(recipe: RecipeConfig, dry_run: bool = False, accelerator=None) ->
     from alignment.stages import checkpoint as ckpt
     from alignment.stages.base import config_fingerprint
 
-    accelerator = accelerator or make_accelerator(recipe)
     out = Path(recipe.output_dir)
     if accelerator.is_main_process:
         _check_writable(out)

@@ -31,11 +31,17 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
+def portrait_data():
+    """600x900 covers: 4 of the stand-in's 560-px tiles each."""
+    sft = build_datasets(num_covers=12, seed=0, task="sft", max_eval_samples=2, image_size=(600, 900))
+    pairs = build_datasets(num_covers=12, seed=0, task="preference", max_eval_samples=2, image_size=(600, 900))
+    return {"sft": sft[:2], "preference": pairs[:2]}
+
+
+def perturbed_adapters(root, model):
     """A trained-looking policy adapter (SFT's) and reward adapter + head: LoRA B perturbed, so that
     every LoRA matrix gets a gradient."""
-    root = tmp_path_factory.mktemp("ckpt-adapters")
-    policy = MultimodalPolicy.from_pretrained("tiny-mllama")
+    policy = MultimodalPolicy.from_pretrained(model)
     generator = torch.Generator().manual_seed(3)
     policy.add_adapter("policy", LoraSpec(r=4, preset="all"))
     policy.add_adapter("reward", LoraSpec(r=4), head=True)
@@ -48,7 +54,17 @@ def adapters(tmp_path_factory):
     return root
 
 
-def stage_for(kind, out, data, adapters, quantization, checkpointing):
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    return perturbed_adapters(tmp_path_factory.mktemp("ckpt-adapters"), "tiny-mllama")
+
+
+@pytest.fixture(scope="module")
+def standin_adapters(tmp_path_factory):
+    return perturbed_adapters(tmp_path_factory.mktemp("ckpt-standin"), "standin-mllama")
+
+
+def stage_for(kind, out, data, adapters, quantization, checkpointing, model="tiny-mllama"):
     raw = tiny_recipe(out, stages=(kind,), steps=2, batch_size=2)
     stage_raw = raw["stages"][0]
     if kind == "ppo":
@@ -58,18 +74,18 @@ def stage_for(kind, out, data, adapters, quantization, checkpointing):
         stage_raw["init_adapter"] = str(adapters / "reward")
     else:
         stage_raw["init_adapter"] = str(adapters / "sft")
+    raw["model"]["name"] = model
     recipe = build(raw)
-    policy = MultimodalPolicy.from_pretrained("tiny-mllama", quantization=quantization,
-                                              gradient_checkpointing=checkpointing)
+    policy = MultimodalPolicy.from_pretrained(model, quantization=quantization, gradient_checkpointing=checkpointing)
     ctx = RunContext(accelerator=make_accelerator(recipe), output_dir=Path(out))
     task = "sft" if kind in ("sft", "ppo") else "preference"
     return STAGES[kind](recipe.stages[0], policy, ctx, *data[task]), policy
 
 
-def step_gradients(kind, out, data, adapters, quantization, checkpointing, per_role=True):
+def step_gradients(kind, out, data, adapters, quantization, checkpointing, per_role=True, model="tiny-mllama"):
     """Every trainable parameter's gradient after one micro-batch's backward, as the loop runs it."""
     torch.manual_seed(0)
-    stage, policy = stage_for(kind, out, data, adapters, quantization, checkpointing)
+    stage, policy = stage_for(kind, out, data, adapters, quantization, checkpointing, model)
     stage.setup(None)
     if kind == "ppo":
         batch = stage.make_rollout(stage.train_examples[:2], iteration=0)
@@ -98,6 +114,17 @@ def test_checkpointing_leaves_every_adapters_gradient_unchanged(tmp_path, data, 
     adapters_with_grads = {part for name in plain for part in ("policy", "critic", "reward") if f".{part}." in name}
     expected = {"sft": {"policy"}, "dpo": {"policy"}, "reward": {"reward"}, "ppo": {"policy", "critic"}}[kind]
     assert adapters_with_grads == expected
+    assert all(g.abs().sum() > 0 for name, g in plain.items() if "lora_" in name)
+    assert max_difference(plain, checkpointed) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["dpo", "ppo"])
+def test_checkpointing_leaves_gradients_unchanged_on_the_real_geometry(tmp_path, portrait_data, standin_adapters,
+                                                                      kind):
+    """The same on the Llama 3.2 Vision stand-in, 4-bit: 4 tiles per image, 128k vocabulary, <|image|> = 128256."""
+    plain = step_gradients(kind, tmp_path / "a", portrait_data, standin_adapters, "4bit", False, model="standin-mllama")
+    checkpointed = step_gradients(kind, tmp_path / "b", portrait_data, standin_adapters, "4bit", True,
+                                  model="standin-mllama")
     assert all(g.abs().sum() > 0 for name, g in plain.items() if "lora_" in name)
     assert max_difference(plain, checkpointed) < 1e-5
 
