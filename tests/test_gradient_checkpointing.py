@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from alignment.data import build_datasets
-from alignment.policy import LoraSpec, MultimodalPolicy
+from alignment.policy import MultimodalPolicy
 from alignment.recipe import make_accelerator
 from alignment.stages import STAGES, RunContext
+from tests._adapters import save_perturbed_adapters
 from tests._recipes import build, tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,30 +39,14 @@ def portrait_data():
     return {"sft": sft[:2], "preference": pairs[:2]}
 
 
-def perturbed_adapters(root, model):
-    """A trained-looking policy adapter (SFT's) and reward adapter + head: LoRA B perturbed, so that
-    every LoRA matrix gets a gradient."""
-    policy = MultimodalPolicy.from_pretrained(model)
-    generator = torch.Generator().manual_seed(3)
-    policy.add_adapter("policy", LoraSpec(r=4, preset="all"))
-    policy.add_adapter("reward", LoraSpec(r=4), head=True)
-    with torch.no_grad():
-        for name, param in policy.named_parameters():
-            if "lora_B" in name or name.startswith("heads."):
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    policy.save_adapter("policy", root / "sft")
-    policy.save_adapter("reward", root / "reward")
-    return root
-
-
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
-    return perturbed_adapters(tmp_path_factory.mktemp("ckpt-adapters"), "tiny-mllama")
+    return save_perturbed_adapters(tmp_path_factory.mktemp("ckpt-adapters"), seed=3, preset="all")
 
 
 @pytest.fixture(scope="module")
 def standin_adapters(tmp_path_factory):
-    return perturbed_adapters(tmp_path_factory.mktemp("ckpt-standin"), "standin-mllama")
+    return save_perturbed_adapters(tmp_path_factory.mktemp("ckpt-standin"), "standin-mllama", seed=3, preset="all")
 
 
 def stage_for(kind, out, data, adapters, quantization, checkpointing, model="tiny-mllama"):

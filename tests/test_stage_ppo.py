@@ -15,6 +15,7 @@ from alignment.data import build_datasets
 from alignment.policy import LoraSpec, MultimodalPolicy
 from alignment.recipe import make_accelerator, recipe_from_dict
 from alignment.stages import PPOStage, RunContext, Stage
+from tests._adapters import save_perturbed_adapters
 from tests._recipes import build, tiny_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,18 +36,7 @@ def prompts():
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     """An "SFT" policy adapter and a "reward" adapter + head, perturbed so neither is a no-op."""
-    root = tmp_path_factory.mktemp("adapters")
-    policy = MultimodalPolicy.from_pretrained("tiny-mllama")
-    generator = torch.Generator().manual_seed(1)
-    policy.add_adapter("policy", LoraSpec(r=4))
-    policy.add_adapter("reward", LoraSpec(r=4), head=True)
-    with torch.no_grad():
-        for name, param in policy.named_parameters():
-            if "lora_B" in name or name.startswith("heads."):
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    policy.save_adapter("policy", root / "sft")
-    policy.save_adapter("reward", root / "reward")
-    return root
+    return save_perturbed_adapters(tmp_path_factory.mktemp("adapters"))
 
 
 def make_stage(out, prompts, adapters, resume=False, policy=None, **overrides):

@@ -33,6 +33,21 @@ def family_of(model_or_config) -> ModuleType:
     return FAMILIES[model_type]
 
 
+def _build_atomically(name: str, folder: Path, write) -> None:
+    """`write(staging)` into a fresh staging folder beside `folder`, then swap it in: a reader never sees
+    half a model folder (COMPLETE is written last)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+    try:
+        write(staging)
+        (staging / _COMPLETE).write_text(name)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _build_tiny(name: str, folder: Path) -> None:
     """Write tokenizer, processor, config and weights of a tiny model into `folder`, atomically."""
     from transformers import LlavaForConditionalGeneration, MllamaForConditionalGeneration
@@ -40,30 +55,25 @@ def _build_tiny(name: str, folder: Path) -> None:
     from alignment.models.tokenizer import build_tokenizer
 
     family = FAMILIES[TINY_MODELS[name]]
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
-    try:
+
+    def write(staging: Path) -> None:
         shipped = _SHIPPED / name
         if (shipped / "model.safetensors").exists():
             # A tiny base pretrained once on cover captions, with its tokenizer and processor
             # (alignment/models/pretrain.py).
             for file in shipped.iterdir():
                 shutil.copy2(file, staging / file.name)
-        else:
-            tokenizer = build_tokenizer()
-            family.build_processor(tokenizer).save_pretrained(staging)
-            model_class = MllamaForConditionalGeneration if family is mllama else LlavaForConditionalGeneration
-            torch.manual_seed(0)
-            model = model_class(family.tiny_config(tokenizer))
-            if family is mllama:
-                mllama.open_cross_attention_gates(model)
-            model.save_pretrained(staging)
-        (staging / _COMPLETE).write_text(name)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            return
+        tokenizer = build_tokenizer()
+        family.build_processor(tokenizer).save_pretrained(staging)
+        model_class = MllamaForConditionalGeneration if family is mllama else LlavaForConditionalGeneration
+        torch.manual_seed(0)
+        model = model_class(family.tiny_config(tokenizer))
+        if family is mllama:
+            mllama.open_cross_attention_gates(model)
+        model.save_pretrained(staging)
+
+    _build_atomically(name, folder, write)
 
 
 def _asset_key(name: str) -> str:
@@ -83,16 +93,7 @@ def _build_standin(name: str, folder: Path) -> None:
     """Build real-geometry stand-in `name` (alignment/models/standins.py) into `folder`, atomically."""
     from alignment.models.standins import build_standin
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
-    try:
-        build_standin(name, staging)
-        (staging / _COMPLETE).write_text(name)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    _build_atomically(name, folder, lambda staging: build_standin(name, staging))
 
 
 def resolve_model_path(name_or_path: str) -> str:
