@@ -56,3 +56,32 @@ def test_prompt_token_ids_are_the_special_tokens_and_text_pieces():
                 + sh + ids("assistant") + eh + ids("\n\n"))
     assert ids(render_prompt(question)) == expected
     assert ids(render_completion("Yes")) == ids("Yes") + eot
+
+
+def test_the_tiny_processors_template_renders_seed_000():
+    from alignment.data.prompts import SEED_000 as FORMAT
+    from alignment.data.prompts import prompt_format
+    from alignment.models import load_processor
+
+    for name in ("tiny-mllama", "tiny-llava"):
+        assert prompt_format(load_processor(name)) == FORMAT, name
+
+
+def test_prompt_format_reads_any_template():
+    """A LLaVA-1.5-style template (no BOS in it, no end-of-turn token): the BOS the tokenizer adds is put
+    in front, the placeholder is the processor's, and an answer is closed by the tokenizer's EOS."""
+    from types import SimpleNamespace
+
+    from alignment.data.prompts import prompt_format
+    from alignment.models.standins import build_llama3_tokenizer
+
+    template = ("{% for m in messages %}{{ m['role'].upper() + ': ' }}{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                "{{ ' ' }}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    tokenizer = build_llama3_tokenizer("<image>", template)
+    tokenizer.eos_token = "<|end_of_text|>"
+    processor = SimpleNamespace(tokenizer=tokenizer, chat_template=template, image_token="<image>")
+    fmt = prompt_format(processor)
+    assert fmt.prompt("Who wrote this book?", "") == "<|begin_of_text|>USER: <image>\nWho wrote this book? ASSISTANT:"
+    assert fmt.completion("Maria Lopez") == "Maria Lopez<|end_of_text|>"
+    assert fmt.separator == "" and fmt.image_token == "<image>"
