@@ -104,14 +104,15 @@ class Stage:
         that gradient checkpointing recomputes each role's layers with that role's adapter active."""
         raise NotImplementedError
 
-    def backward(self, loss_sum: torch.Tensor | dict[str, torch.Tensor], scale) -> torch.Tensor:
-        """Backpropagate `train_step`'s loss times `scale`: one backward per role, each inside
-        `backward_context(role)`. Returns the summed loss (detached, float32, on the CPU)."""
+    def backward(self, loss_sum: torch.Tensor | dict[str, torch.Tensor], count) -> torch.Tensor:
+        """Backpropagate `train_step`'s loss divided by `count` (what the step averages over, all
+        processes): one backward per role, each inside `backward_context(role)`. Returns the summed
+        loss (detached, float32, on the CPU)."""
         parts = loss_sum if isinstance(loss_sum, dict) else {"": loss_sum}
         total = torch.zeros(())
         for role, part in parts.items():
             with self.backward_context(role):
-                (part * scale).backward()
+                (part / count).backward()
             total += part.detach().float().cpu()
         return total
 
@@ -237,7 +238,7 @@ class Stage:
         for batch in batches:
             with ctx.accelerator.autocast():
                 loss_sum, metrics = self.train_step(batch)
-            loss_total += self.backward(loss_sum, 1.0 / total.clamp(min=1))
+            loss_total += self.backward(loss_sum, total.clamp(min=1))
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value / len(batches)
         _all_reduce_grads(params, ctx)
