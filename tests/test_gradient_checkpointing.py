@@ -103,7 +103,7 @@ def test_checkpointing_leaves_every_adapters_gradient_unchanged(tmp_path, data, 
     assert max_difference(plain, checkpointed) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["dpo", "ppo"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "reward", "ppo"])
 def test_checkpointing_leaves_gradients_unchanged_on_the_real_geometry(tmp_path, portrait_data, standin_adapters,
                                                                       kind):
     """The same on the Llama 3.2 Vision stand-in, 4-bit: 4 tiles per image, 128k vocabulary, <|image|> = 128256."""
