@@ -206,14 +206,15 @@ def evaluate_stage(recipe, index: int, split: str = "eval", limit: int | None = 
                                           max_eval_examples=None)
     accelerator = make_accelerator(recipe)
     policy = load_base(recipe, accelerator.device)
-    train, evaluation, report = build_data(recipe, config, policy.processor)
-    examples = train + evaluation if split == "all" else evaluation
     if split == "test":
-        examples = build_test_data(recipe, config, policy.processor)
+        examples, report = build_test_data(recipe, config, policy.processor)
         if not examples:
             from alignment.config import ConfigError
 
             raise ConfigError(f"data source {recipe.data.source} has no `test` split")
+    else:
+        train, evaluation, report = build_data(recipe, config, policy.processor)
+        examples = train + evaluation if split == "all" else evaluation
     config.eval_examples = limit if limit is not None else (len(examples) if split == "all" else config.eval_examples)
     out = Path(recipe.output_dir)
     instruction = _instruction(recipe)

@@ -229,11 +229,13 @@ def _dataset_args(recipe: RecipeConfig, stage: StageConfig, processor) -> dict:
     )
 
 
-def build_test_data(recipe: RecipeConfig, stage: StageConfig, processor) -> list:
-    """The stage's `test` examples (the split nothing is tuned on; empty when the source has none)."""
+def build_test_data(recipe: RecipeConfig, stage: StageConfig, processor):
+    """(the stage's `test` examples, their validation report): the split nothing is tuned on; no
+    examples when the source has none."""
     from alignment.data import build_datasets
 
-    return build_datasets(recipe.data.source, test_split="test", **_dataset_args(recipe, stage, processor))[1]
+    _, test, report = build_datasets(recipe.data.source, test_split="test", **_dataset_args(recipe, stage, processor))
+    return test, report
 
 
 def build_data(recipe: RecipeConfig, stage: StageConfig, processor, policy=None):
@@ -326,7 +328,7 @@ def _run_recipe(recipe: RecipeConfig, dry_run: bool, accelerator) -> dict:
         task = data_task(stage)  # stages of one task share their data (and its pruning, done once)
         if task not in by_task:
             by_task[task] = build_data(recipe, stage, policy.processor, None if dry_run else policy)
-            tests[task] = build_test_data(recipe, stage, policy.processor)
+            tests[task] = build_test_data(recipe, stage, policy.processor)[0]
         datasets[stage.name] = by_task[task]
         train, evaluation, report = datasets[stage.name]
         if accelerator.is_main_process:
