@@ -70,9 +70,7 @@ def render_completion(answer: str, fmt: PromptFormat = SEED_000) -> str:
     return fmt.completion(answer)
 
 
-def _render(processor: Any, messages: list[dict], generation_prompt: bool) -> str:
-    tokenizer = getattr(processor, "tokenizer", processor)
-    template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+def _render(tokenizer: Any, template: str, messages: list[dict], generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=generation_prompt,
                                          tokenize=False)
 
@@ -105,8 +103,8 @@ def prompt_format(processor: Any) -> PromptFormat:
                            end_of_turn=SEED_000.end_of_turn, image_token=image_token)
     else:
         user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _SENTINEL}]}
-        before, after = _render(processor, [user], True).split(_SENTINEL)
-        answered = _render(processor, [user, {"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}],
+        before, after = _render(tokenizer, template, [user], True).split(_SENTINEL)
+        answered = _render(tokenizer, template, [user, {"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}],
                            False)
         end_of_turn = answered.split(_SENTINEL)[-1].rstrip() or (tokenizer.eos_token or "")
         bos = getattr(tokenizer, "bos_token", None)
