@@ -16,6 +16,7 @@ import gc
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -72,6 +73,41 @@ def timed_stage(report: dict, name: str) -> dict:
             "s_per_step": 1.0 / last["samples_per_s"] if last["samples_per_s"] else None}
 
 
+class StageMemory:
+    """GPU memory by phase of every stage run inside it (CUDA only): the peak before the stage's first
+    optimizer step (loading the 4-bit base, adapters, reference passes), what is allocated when that step
+    starts, and the peak over its optimizer steps. MiB, keyed by stage name."""
+
+    def __init__(self):
+        self.stages: dict[str, dict[str, float]] = {}
+
+    def __enter__(self) -> StageMemory:
+        import torch
+
+        from alignment.stages.base import Stage
+
+        self._original = original = Stage._optimizer_step
+        phases = self.stages
+
+        def measured(stage, *args, **kwargs):
+            name = stage.config.name
+            if name not in phases:
+                phases[name] = {"before_first_step_peak_mb": torch.cuda.max_memory_allocated() / 2**20,
+                                "allocated_at_first_step_mb": torch.cuda.memory_allocated() / 2**20}
+                torch.cuda.reset_peak_memory_stats()
+            record = original(stage, *args, **kwargs)
+            phases[name]["step_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            return record
+
+        Stage._optimizer_step = measured
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from alignment.stages.base import Stage
+
+        Stage._optimizer_step = self._original
+
+
 def one_pair_batch(recipe, model: str) -> dict:
     """Rows, longest row's tokens, images, tiles used and vision tokens per image of one DPO micro-batch."""
     from alignment.data import collate_preference
@@ -116,11 +152,18 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         reset_peak(device)
         tick = time.time()
-        report = run_recipe(recipe, accelerator=accelerator)
+        with StageMemory() if device.type == "cuda" else nullcontext() as phases:
+            report = run_recipe(recipe, accelerator=accelerator)
         seconds = time.time() - tick
         timing = timed_stage(report, name)
-        peak = peak_memory_mb(device)
-        result = {**timing, "peak_memory_mb": peak, "stage_run_s": seconds}
+        peak = peak_memory_mb(device)  # on CUDA: since the last stage's first step (StageMemory resets it)
+        result = {**timing, "stage_run_s": seconds}
+        if phases is not None:  # the run's peak: any stage's loading, steps, or the last one's evaluation
+            result["memory_by_stage"] = phases.stages
+            peak = phases.stages[name]["step_peak_mb"]
+            result["run_peak_mb"] = max([torch.cuda.max_memory_allocated() / 2**20]
+                                        + [v for phase in phases.stages.values() for v in phase.values()])
+        result["peak_memory_mb"] = peak
         if kind == "dpo":  # one step's tokens at this geometry: text rows, images, tiles, vision tokens
             batch = one_pair_batch(recipe, str(folder))
             result["batch"] = batch
@@ -129,13 +172,21 @@ def main(argv=None) -> int:
         results[kind] = result
         rows.append([kind, f"{peak:.0f}", f"{timing['s_per_step']:.2f}", f"{timing['samples_per_s']:.3f}",
                      f"{seconds:.0f}"])
-    payload = {"machine": machine(), "date": today(), "versions": versions("torch", "transformers", "peft",
-                                                                             "bitsandbytes"),
-               "width": args.width, "device": device.type, "build_s": built_s, "results": results,
-               "goal": "11B QLoRA DPO step < 16 GB at batch 1 (issue 16)"}
-    print_table(rows, ["step", "peak MiB (GPU alloc / CPU RSS)", "s/step", "samples/s", "stage s"])
-    print(f"wrote {write_json(args.out, payload)}")
+        write_json(args.out, payload_of(args, device, built_s, results))  # kept if the next run dies
+    print_table(rows, ["step", "step peak MiB (GPU alloc) / peak RSS (CPU)", "s/step", "samples/s", "stage s"])
+    for kind, result in results.items():
+        for stage, phase in result.get("memory_by_stage", {}).items():
+            print(f"{kind}/{stage}: " + ", ".join(f"{key} {value:.0f}" for key, value in phase.items()))
+    print(f"wrote {write_json(args.out, payload_of(args, device, built_s, results))}")
     return 0
+
+
+def payload_of(args, device, built_s: float, results: dict) -> dict:
+    """The JSON gpu_check writes: machine, versions, build time and each finished run's figures."""
+    return {"machine": machine(), "date": today(),
+            "versions": versions("torch", "transformers", "peft", "bitsandbytes"),
+            "width": args.width, "device": device.type, "build_s": built_s, "results": results,
+            "goal": "11B QLoRA DPO step < 16 GB at batch 1 (issue 16)"}
 
 
 if __name__ == "__main__":

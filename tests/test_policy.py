@@ -137,6 +137,17 @@ def test_four_bit_quantizes_text_only(name):
     assert policy.model.lm_head.weight.dtype == torch.float32
 
 
+def test_four_bit_keeps_the_unquantised_weights_in_the_checkpoint_dtype(name):
+    """bf16 vision tower, embeddings and lm_head stay bf16 (PEFT's kbit preparation would make them fp32:
+    +3.9 GB on the 11B); LoRA weights added on top are fp32."""
+    policy = MultimodalPolicy.from_pretrained(name, quantization="4bit", dtype=torch.bfloat16,
+                                              gradient_checkpointing=True)
+    unquantised = {p.dtype for n, p in policy.model.named_parameters() if p.__class__.__name__ != "Params4bit"}
+    assert unquantised == {torch.bfloat16}
+    policy.add_adapter("policy", LoraSpec(r=4, preset="all"))
+    assert {p.dtype for p in policy.trainable_parameters()} == {torch.float32}
+
+
 def test_eight_bit_refused_for_mllama():
     with pytest.raises(ValueError, match="8-bit"):
         load("tiny-mllama", "8bit")

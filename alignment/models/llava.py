@@ -99,6 +99,12 @@ def forward_with_features(model, input_ids, attention_mask, image_features, **kw
     return model(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing on every layer (CLIP's and the language model's layers are
+    transformers' checkpointing layers)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 _TEXT = r"language_model\.layers\.\d+"
 _VISION = r"vision_tower\..*(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))"
 PRESET_PATTERNS = {

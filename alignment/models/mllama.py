@@ -101,6 +101,34 @@ def forward_with_features(model, input_ids, attention_mask, image_features, cros
     )
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing on every layer, the vision tower's included.
+
+    transformers checkpoints only the text layers: Mllama's vision encoder layers are plain modules,
+    so with the vision tower trained (the `multimodal` preset) all 40 layers over 4 tiles x 1601 tokens
+    kept their activations (15.5 GB of an 11B QLoRA DPO step at batch 1, measured on an H200). Each
+    vision layer's forward is wrapped here; it recomputes only when gradients are being recorded."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    vision = inner_model(model).vision_model
+    for encoder in (vision.transformer, vision.global_transformer):
+        for layer in encoder.layers:
+            if not getattr(layer.forward, "_vlm_align_checkpointed", False):
+                layer.forward = _checkpointed(layer.forward)
+
+
+def _checkpointed(forward):
+    """`forward` under non-reentrant torch.utils.checkpoint while autograd records (training), as is otherwise."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    run._vlm_align_checkpointed = True
+    return run
+
+
 def vision_modules(model) -> list[torch.nn.Module]:
     core = inner_model(model)
     return [core.vision_model]
