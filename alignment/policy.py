@@ -315,6 +315,12 @@ class MultimodalPolicy(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Every adapter's and head's parameters, trained or frozen (not the base's)."""
+        segments = tuple(f".{name}." for name in self.adapters)
+        return [p for n, p in self.named_parameters()
+                if n.startswith("heads.") or p.requires_grad or any(s in f".{n}." for s in segments)]
+
     def _peft_state(self, name: str) -> dict[str, torch.Tensor]:
         """PEFT adapter `name`'s own weights. save_embedding_layers=False: with `lm_head: true` PEFT
         would also return the frozen base head (the whole vocabulary projection)."""

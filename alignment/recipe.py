@@ -185,17 +185,49 @@ def save_recipe(recipe: RecipeConfig, path: Path) -> None:
 # ----------------------------------------------------------------------------- running
 def make_accelerator(recipe: RecipeConfig):
     """An Accelerator: bf16 autocast on GPU, fp32 on CPU; CPU runs with several processes form a
-    gloo group (ACCELERATE_USE_CPU is set when no CUDA is present)."""
+    gloo group (ACCELERATE_USE_CPU is set when no CUDA is present, except under DeepSpeed, which
+    accelerate would then turn off)."""
     import torch
 
-    if not torch.cuda.is_available():
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"  # set by `accelerate launch`
+    if deepspeed:
+        _resolve_deepspeed_file()
+        os.environ.pop("ACCELERATE_USE_CPU", None)  # inherited from a CPU run, it would switch DeepSpeed off
+    cpu = not torch.cuda.is_available() and not deepspeed  # a CPU DeepSpeed run must not be told `cpu`
+    if cpu:
         os.environ.setdefault("ACCELERATE_USE_CPU", "1")
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     precision = "no"
     if torch.cuda.is_available() and recipe.model.dtype in ("auto", "bfloat16"):
         precision = "bf16"
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    # gloo on CPU: without it accelerate leaves a DeepSpeed launch's processes each alone
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if several and not torch.cuda.is_available() else []
+    return Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=handlers)
+
+
+def _resolve_deepspeed_file() -> None:
+    """The launch configs name their DeepSpeed JSON relative to the repository root; a launch from
+    another folder finds it there too (else one error naming the file)."""
+    key = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
+    name = os.environ.get(key)
+    if not name or name.lstrip().startswith("{") or Path(name).is_file():
+        return
+    in_repo = Path(__file__).resolve().parent.parent / name
+    if not in_repo.is_file():
+        raise ConfigError(f"DeepSpeed config {name} not found (relative to {Path.cwd()} or the repository root)")
+    os.environ[key] = str(in_repo)
+
+
+def distributed_facts(accelerator) -> dict:
+    """report.json's `distributed` block: engine (single | ddp | deepspeed), ZeRO stage, world size
+    (each stage entry adds what each rank held: `distributed.per_rank`)."""
+    from alignment.stages.engine import engine_kind, zero_stage
+
+    return {"engine": engine_kind(accelerator), "zero_stage": zero_stage(accelerator),
+            "world_size": accelerator.num_processes}
 
 
 def model_dtype(recipe: RecipeConfig):
@@ -353,6 +385,7 @@ def _run_recipe(recipe: RecipeConfig, dry_run: bool, accelerator) -> dict:
     report = {"recipe": recipe.name, "model": recipe.model.name, "stages": []}
     if recipe.resume and report_path.exists():
         report = json.loads(report_path.read_text())
+    report["distributed"] = distributed_facts(accelerator)
     done = {entry["name"]: entry for entry in report["stages"]}
     previous_adapter = None
     for stage_config in recipe.stages:

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = """
 import os, runpy, signal, sys
 from alignment.stages import STAGES, base, checkpoint as ckpt
+from alignment.stages.engine import StepEngine
 
 stage, at, where = os.environ["KILL_AT"].split(":")
 target, current = (stage, int(at)), [None]
@@ -57,7 +58,7 @@ def optimizer_step(self, optimizer, params, stream, step):
     return real_step(self, optimizer, params, stream, step)
 base.Stage._optimizer_step = optimizer_step
 
-wrap(base, "_grad_norm", "grad")                           # mid-step: after backward, before optimizer.step
+wrap(StepEngine, "grad_norm_and_clip", "grad")            # mid-step: after backward, before optimizer.step
 wrap(base.Stage, "_save", "save")                          # after the step (and its ledger line), no checkpoint
 wrap(ckpt, "rng_state", "rng")                             # checkpoint half written: adapters, optimizer
 wrap(ckpt, "write_manifest", "manifest")                   # checkpoint fully staged, no manifest

@@ -70,9 +70,10 @@ def test_deepspeed_config(path):
     assert stage in (0, 1, 2, 3)
     if "zero3" in path.name or "zero2" in path.name:
         assert stage == int(path.stem[-1])
-    assert isinstance(config["train_micro_batch_size_per_gpu"], int) and config["train_micro_batch_size_per_gpu"] > 0
-    assert isinstance(config["gradient_accumulation_steps"], int) and config["gradient_accumulation_steps"] > 0
-    assert _autos(config) == [], "explicit values only (no 'auto')"
+    # One source of truth: what the recipe decides is "auto" here and filled from the recipe's stage
+    # (alignment.stages.engine.fill_deepspeed_config); the JSON keeps what only DeepSpeed knows.
+    assert sorted(_autos(config)) == ["bf16.enabled", "gradient_accumulation_steps", "gradient_clipping",
+                                      "train_micro_batch_size_per_gpu"]
     if stage == 3:
         assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
 

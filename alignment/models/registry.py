@@ -189,12 +189,18 @@ def quantization_config(family: ModuleType, quantization: str, compute_dtype: to
         if not family.SUPPORTS_8BIT:
             raise ValueError(f"8-bit quantization is not supported for the {family.__name__.split('.')[-1]} family; use 4bit")
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=family.QUANT_SKIP_MODULES)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    # ZeRO-3 partitions parameters of one floating dtype: the packed NF4 weights are stored as the
+    # compute dtype then (same bytes), so that DeepSpeed can split them with the rest.
+    storage = {"bnb_4bit_quant_storage": compute_dtype} if is_deepspeed_zero3_enabled() else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
         llm_int8_skip_modules=family.QUANT_SKIP_MODULES,
+        **storage,
     )
 
 
@@ -207,6 +213,7 @@ def load_model(
 ):
     """Load an image-text-to-text model; `quantization` in none | 4bit | 8bit (NF4, double quant)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     path = resolve_model_path(name_or_path)
     config = _from_hub(name_or_path, lambda: AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
@@ -215,8 +222,13 @@ def load_model(
     quant = quantization_config(family, quantization, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
+    if quant is not None and not is_deepspeed_zero3_enabled():  # ZeRO-3 places the weights itself
         kwargs["device_map"] = device_map or ({"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"})
     elif device_map is not None:
         kwargs["device_map"] = device_map
-    return _from_hub(name_or_path, lambda: AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs))
+    # Loading leaves the RNG as it found it: under DeepSpeed ZeRO-3 transformers initialises the
+    # partitioned weights randomly before loading them, which would change every adapter's init after.
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        return _from_hub(name_or_path, lambda: AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs))

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from alignment.config import StageConfig
 from alignment.stages import checkpoint as ckpt
+from alignment.stages.engine import StepEngine, partitioned_gathered
 from alignment.stages.schedule import lr_at
 from alignment.stages.stream import ExampleStream
 
@@ -83,6 +84,7 @@ class Stage:
         self.history: list[dict] = []
         self.nonfinite_steps = 0
         self._sigterm = False
+        self.engine: StepEngine | None = None  # set by `train`: DDP / DeepSpeed / one process
 
     # ---- hooks -----------------------------------------------------------------
     def setup(self, previous_adapter: Path | None) -> None:
@@ -112,7 +114,10 @@ class Stage:
         total = torch.zeros(())
         for role, part in parts.items():
             with self.backward_context(role):
-                (part / count).backward()
+                if self.engine is not None:
+                    self.engine.backward(part / count)
+                else:
+                    (part / count).backward()
             total += part.detach().float().cpu()
         return total
 
@@ -153,12 +158,15 @@ class Stage:
     def run(self, previous_adapter: Path | None = None) -> dict:
         """Set up, train (resuming if asked), save the adapter, evaluate; returns the report entry."""
         start = time.time()
-        self.setup(previous_adapter)
+        with partitioned_gathered(getattr(self.policy, "adapter_parameters", list)()):
+            self.setup(previous_adapter)  # ZeRO-3 (a later stage): the adapters it copies or loads whole
         no_dropout = getattr(self.config, "disable_dropout", False)
         with dropout_disabled(self.models_in_use()) if no_dropout else nullcontext():
             steps = self.train()
-            if self.ctx.is_main:
-                self.policy.save_adapter(self.adapter_name, self.dir)
+            held = self._held_by_rank()  # after the last step: gradients and optimizer state still held
+            with self.engine.gathered(self.engine.params):  # ZeRO-3: the adapter whole, not this rank's part
+                if self.ctx.is_main:
+                    self.policy.save_adapter(self.adapter_name, self.dir)
             self.ctx.accelerator.wait_for_everyone()
             self.policy.eval()
             with torch.no_grad():
@@ -173,7 +181,18 @@ class Stage:
                  "seconds": round(time.time() - start, 1), "train": train, "eval": metrics}
         if test is not None:
             entry["test"] = test
+        entry["distributed"] = {"engine": self.engine.kind, "zero_stage": self.engine.zero_stage,
+                                "world_size": self.ctx.world_size, "per_rank": held}
         return {**entry, "history": self.history}
+
+    def _held_by_rank(self) -> list[dict]:
+        """Bytes of parameters, gradients and optimizer state each rank holds (`StepEngine.memory`)."""
+        mine = self.engine.memory()
+        if self.ctx.world_size == 1:
+            return [mine]
+        from accelerate.utils import gather_object
+
+        return gather_object([mine])
 
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
@@ -184,9 +203,13 @@ class Stage:
         params = [p for model in self.trained_models() for p in model.trainable_parameters()]
         if not params:
             raise RuntimeError(f"stage {cfg.name!r} has no trainable parameters")
-        optimizer = self._optimizer(params)
         stream = ExampleStream(self.train_examples, cfg.batch_size, ctx.seed, ctx.rank, ctx.world_size)
-        step = self._resume(optimizer, stream) if ctx.resume else 0
+        folder = self._resume_models(stream) if ctx.resume else None  # before an engine partitions them
+        bf16 = getattr(ctx.accelerator, "mixed_precision", "no") == "bf16"
+        self.engine = StepEngine(ctx.accelerator, self.trained_models(), params, self._optimizer(params),
+                                 cfg.batch_size, cfg.max_grad_norm, bf16)
+        optimizer = self.engine.optimizer
+        step = self._resume_optimizer(folder, optimizer) if folder is not None else 0
         self.stream = stream  # before_training may replay the batches to come (DPO's reference pass)
         self.before_training()
         writer = _writer(ctx.output_dir / "runs" / cfg.name, ctx.report_to, ctx.recipe_name) if ctx.is_main else None
@@ -234,18 +257,18 @@ class Stage:
         if total.item() == 0:  # e.g. every label masked: nothing to learn from, and Adam's momentum must not move
             tqdm.write(f"[{cfg.name}] step {step + 1}: no counted tokens or pairs in the batch; step skipped")
             return {"skipped_empty": 1, "lr": optimizer.param_groups[0]["lr"], "ids": ids}
-        loss_total, sums = torch.zeros(()), {}
-        for batch in batches:
-            with ctx.accelerator.autocast():
-                loss_sum, metrics = self.train_step(batch)
-            loss_total += self.backward(loss_sum, total.clamp(min=1))
+        loss_total, sums, engine = torch.zeros(()), {}, self.engine
+        for index, batch in enumerate(batches):
+            with engine.micro_batch(last=index == len(batches) - 1):
+                with ctx.accelerator.autocast():
+                    loss_sum, metrics = engine.forward(self.train_step, batch)
+                loss_total += self.backward(loss_sum, total.clamp(min=1))
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value / len(batches)
-        _all_reduce_grads(params, ctx)
-        grad_norm = _grad_norm(params, cfg.max_grad_norm)
+        grad_norm = engine.grad_norm_and_clip()  # None under DeepSpeed: it clips inside its step
         loss = (_all_sum(loss_total, ctx) / total.clamp(min=1)).item()
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            optimizer.zero_grad(set_to_none=True)
+        if not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))):
+            engine.discard_gradients()
             self.nonfinite_steps += 1
             tqdm.write(f"[{cfg.name}] step {step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
                        f"step skipped ({self.nonfinite_steps} in a row)")
@@ -255,8 +278,8 @@ class Stage:
                     f"the last good checkpoint is kept in {self.dir / 'checkpoints'} (lower lr or check the data)"
                 )
             return {"skipped": 1, "lr": optimizer.param_groups[0]["lr"], "ids": ids}
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        engine_norm = engine.step()
+        grad_norm = engine_norm if grad_norm is None else grad_norm
         self.nonfinite_steps = 0
         return {"loss": loss, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"], **sums, "ids": ids}
 
@@ -274,13 +297,17 @@ class Stage:
 
                 shutil.rmtree(staged)
             staged.mkdir(parents=True)
-            for model, name in self._trained_adapters():
-                model.save_adapter(name, staged / "adapters" / name)
-            torch.save(optimizer.state_dict(), staged / "optimizer.pt")
+        with self.engine.gathered(self.engine.params):  # ZeRO-3: adapters whole for the main rank to write
+            if ctx.is_main:
+                for model, name in self._trained_adapters():
+                    model.save_adapter(name, staged / "adapters" / name)
+        if ctx.is_main:
             state = {"step": step, "stream": stream.state_dict(), "fingerprint": ctx.fingerprint,
                      "history": self.history, "nonfinite_steps": self.nonfinite_steps, "extra": self.extra_state()}
             (staged / "state.json").write_text(json.dumps(state))
         ctx.accelerator.wait_for_everyone()
+        if ctx.is_main or self.engine.kind == "deepspeed":  # ZeRO: each rank's optimizer partition
+            torch.save(optimizer.state_dict(), staged / _optimizer_file(self.engine, ctx.rank))
         torch.save(ckpt.rng_state(), staged / f"rng-rank{ctx.rank}.pt")
         ctx.accelerator.wait_for_everyone()
         if ctx.is_main:
@@ -295,7 +322,9 @@ class Stage:
     def load_extra_state(self, state: dict) -> None:
         pass
 
-    def _resume(self, optimizer, stream: ExampleStream) -> int:
+    def _resume_models(self, stream: ExampleStream) -> Path | None:
+        """Resume's first half, before the engine exists: the latest complete checkpoint's adapters,
+        stream position, history and stage state. Returns its folder (None: start at step 0)."""
         root = self.dir / "checkpoints"
         folder = ckpt.latest_checkpoint(root)
         ignored = [p.name for p in sorted(root.glob("step-*")) if folder is None or p.name > folder.name]
@@ -305,20 +334,26 @@ class Stage:
         if folder is None:
             if self.ctx.is_main:
                 tqdm.write(f"[{self.config.name}] resume=true but no complete checkpoint in {root}; starting at step 0")
-            return 0
+            return None
         state = ckpt.read_state(folder)
         ckpt.check_fingerprint(folder, state["fingerprint"], self.ctx.fingerprint)
         stream.load_state_dict(state["stream"])
         for model, name in self._trained_adapters():
             model.load_adapter(name, folder / "adapters" / name)
-        optimizer.load_state_dict(ckpt.safe_load(folder / "optimizer.pt"))
-        ckpt.set_rng_state(ckpt.safe_load(folder / f"rng-rank{self.ctx.rank}.pt"))
         self.history = state["history"]
         self.nonfinite_steps = state["nonfinite_steps"]
         self.load_extra_state(state["extra"])
+        return folder
+
+    def _resume_optimizer(self, folder: Path, optimizer) -> int:
+        """Resume's second half, once the engine exists: optimizer state (each rank's own partition
+        under DeepSpeed) and RNG state; returns the step to go on from."""
+        optimizer.load_state_dict(ckpt.safe_load(folder / _optimizer_file(self.engine, self.ctx.rank)))
+        ckpt.set_rng_state(ckpt.safe_load(folder / f"rng-rank{self.ctx.rank}.pt"))
+        step = ckpt.read_state(folder)["step"]
         if self.ctx.is_main:
-            tqdm.write(f"[{self.config.name}] resumed from {folder} at step {state['step']}")
-        return state["step"]
+            tqdm.write(f"[{self.config.name}] resumed from {folder} at step {step}")
+        return step
 
     def _on_sigterm(self, signum, frame) -> None:
         self._sigterm = True
@@ -406,31 +441,12 @@ def _writer(folder: Path, report_to=("tensorboard",), run_name: str = "run"):
 
 
 def _all_sum(value: torch.Tensor, ctx: RunContext) -> torch.Tensor:
+    """`value` summed over processes (float32, on the CPU)."""
     if ctx.world_size == 1:
         return value
-    import torch.distributed as dist
-
-    value = value.to(ctx.accelerator.device).float().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value.cpu()
+    return ctx.accelerator.reduce(value.to(ctx.accelerator.device).float().clone(), reduction="sum").cpu()
 
 
-def _all_reduce_grads(params: list[torch.nn.Parameter], ctx: RunContext) -> None:
-    """Sum gradients over processes: each rank's loss is already divided by the global count."""
-    if ctx.world_size == 1:
-        return
-    import torch.distributed as dist
-
-    for param in params:
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
-
-
-def _grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
-    grads = [p for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    if max_norm is None:
-        return torch.nn.utils.get_total_norm([p.grad for p in grads]).item()
-    return torch.nn.utils.clip_grad_norm_(grads, max_norm).item()
+def _optimizer_file(engine: StepEngine, rank: int) -> str:
+    """A checkpoint's optimizer state: one file, or one per rank when DeepSpeed partitions it."""
+    return f"optimizer-rank{rank}.pt" if engine.kind == "deepspeed" else "optimizer.pt"
