@@ -31,18 +31,40 @@ def test_the_recipe_fills_the_deepspeed_json():
     assert fill_deepspeed_config({}, 2, 1, None, False)["gradient_clipping"] == 0.0  # no clipping
 
 
-def launch(config: str, out: Path, recipe: str, batch_size: int, overrides=()) -> dict:
+# Runs launch/run.py, but SIGKILLs rank 0 when optimizer step DIE_AFTER is done, before its checkpoint.
+DIE = """
+import os, runpy, signal, sys
+from alignment.stages import base
+real = base.Stage._save
+def save(self, step, *args, **kwargs):
+    if step == int(os.environ["DIE_AFTER"]) and self.ctx.rank == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, step, *args, **kwargs)
+base.Stage._save = save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def launch(config: str, out: Path, recipe: str, batch_size: int, overrides=(), steps=2, die_after=None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for key in [k for k in env if k.startswith("ACCELERATE_")] + ["WORLD_SIZE"]:
         env.pop(key, None)  # what an earlier test's Accelerator left in this process's environment
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config),
-           str(ROOT / "launch" / "run.py"), str(ROOT / "recipes" / recipe), f"output_dir={out}",
+    entry = [str(ROOT / "launch" / "run.py")]
+    if die_after is not None:
+        (out.parent / "die.py").write_text(DIE)
+        entry, env["DIE_AFTER"] = [str(out.parent / "die.py"), *entry], str(die_after)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config), *entry,
+           str(ROOT / "recipes" / recipe), f"output_dir={out}",
            "model.quantization=none", "data.num_covers=60", "data.max_eval_examples=2", *overrides]
     stages = {"sft_bookcover.yaml": 1, "dpo_bookcover.yaml": 2, "ppo_bookcover.yaml": 3}[recipe]
     for i in range(stages):
-        cmd += [f"stages.{i}.max_steps=2", f"stages.{i}.batch_size={batch_size}", f"stages.{i}.eval_examples=2",
+        cmd += [f"stages.{i}.max_steps={steps}", f"stages.{i}.batch_size={batch_size}", f"stages.{i}.eval_examples=2",
                 f"stages.{i}.max_new_tokens=2", f"stages.{i}.warmup_steps=0", f"stages.{i}.grad_accum=1"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=out.parent)
+    if die_after is not None:
+        assert result.returncode != 0, "the run was to be killed"
+        return {}
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "report.json").read_text())
 
@@ -131,3 +153,18 @@ def test_a_four_bit_base_trains_under_zero3_each_rank_holding_half(tmp_path):
     alone = one["stages"][0]["distributed"]["per_rank"][0]["parameter_bytes"]
     for held in two["stages"][0]["distributed"]["per_rank"]:
         assert 0.45 < held["parameter_bytes"] / alone < 0.55
+
+
+def test_kill_9_under_zero3_then_resume_ends_with_the_uninterrupted_adapters(tmp_path):
+    """Rank 0 is SIGKILLed after step 2 of 3 (checkpoints every step: step 1 complete); `resume=true`
+    on the same 2 processes ends with the adapters of an uninterrupted ZeRO-3 run, bit for bit."""
+    config, every_step = "launch/accelerate/deepspeed_zero3_cpu.yaml", ["stages.0.save_every=1"]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "cut").mkdir()
+    full = launch(config, tmp_path / "full" / "run", "sft_bookcover.yaml", 4, every_step, steps=3)
+    launch(config, tmp_path / "cut" / "run", "sft_bookcover.yaml", 4, every_step, steps=3, die_after=2)
+    assert not (tmp_path / "cut" / "run" / "sft" / "adapter_model.safetensors").exists()
+    resumed = launch(config, tmp_path / "cut" / "run", "sft_bookcover.yaml", 4, [*every_step, "resume=true"], steps=3)
+    assert curves(resumed) == curves(full)
+    first, second = (load_file(str(tmp_path / d / "run" / "sft" / "adapter_model.safetensors")) for d in ("full", "cut"))
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -307,7 +307,7 @@ class Stage:
             (staged / "state.json").write_text(json.dumps(state))
         ctx.accelerator.wait_for_everyone()
         if ctx.is_main or self.engine.kind == "deepspeed":  # ZeRO: each rank's optimizer partition
-            torch.save(optimizer.state_dict(), staged / _optimizer_file(self.engine, ctx.rank))
+            torch.save(self.engine.optimizer_state(), staged / _optimizer_file(self.engine, ctx.rank))
         torch.save(ckpt.rng_state(), staged / f"rng-rank{ctx.rank}.pt")
         ctx.accelerator.wait_for_everyone()
         if ctx.is_main:
@@ -348,7 +348,7 @@ class Stage:
     def _resume_optimizer(self, folder: Path, optimizer) -> int:
         """Resume's second half, once the engine exists: optimizer state (each rank's own partition
         under DeepSpeed) and RNG state; returns the step to go on from."""
-        optimizer.load_state_dict(ckpt.safe_load(folder / _optimizer_file(self.engine, self.ctx.rank)))
+        self.engine.load_optimizer_state(ckpt.safe_load(folder / _optimizer_file(self.engine, self.ctx.rank)))
         ckpt.set_rng_state(ckpt.safe_load(folder / f"rng-rank{self.ctx.rank}.pt"))
         step = ckpt.read_state(folder)["step"]
         if self.ctx.is_main:

@@ -156,6 +156,29 @@ class StepEngine:
         else:
             self.optimizer.zero_grad(set_to_none=True)
 
+    def optimizer_state(self) -> dict:
+        """What a checkpoint keeps of the optimizer (this rank's): the torch optimizer's state dict;
+        under ZeRO, that of the torch optimizer over this rank's flat partition (Adam's moments: plain
+        tensors and numbers, loadable with weights_only). The fp32 master weights are not kept: the
+        engine rebuilds them from the adapters, which a resume loads before the engine exists."""
+        if self.deepspeed is not None:
+            inner = _inner_optimizer(self.deepspeed)
+            return {"partitions": [dict(inner.state.get(master, {})) for master in _masters(self.deepspeed)]}
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        if self.deepspeed is not None:
+            inner, masters = _inner_optimizer(self.deepspeed), _masters(self.deepspeed)
+            if len(state["partitions"]) != len(masters):
+                raise ValueError(f"checkpoint has {len(state['partitions'])} optimizer partitions, this engine "
+                                 f"{len(masters)}: resume with the engine and process count it was saved with")
+            for master, saved in zip(masters, state["partitions"]):
+                if saved:
+                    inner.state[master] = {k: v.to(master.device) if torch.is_tensor(v) and v.dim() else v
+                                           for k, v in saved.items()}
+        else:
+            self.optimizer.load_state_dict(state)
+
     @contextmanager
     def gathered(self, params: list[nn.Parameter], modifier_rank: int | None = None):
         """Inside: `params` whole on every rank (ZeRO-3 partitions them; a no-op otherwise). With
@@ -205,13 +228,21 @@ def _held(param: nn.Parameter) -> torch.Tensor:
     return getattr(param, "ds_tensor", param)
 
 
+def _inner_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer a ZeRO optimizer runs over this rank's flat fp32 partitions."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _masters(engine) -> list[torch.Tensor]:
+    """This rank's flat fp32 partitions (one per parameter group) that a ZeRO optimizer updates."""
+    zero = engine.optimizer
+    return list(getattr(zero, "single_partition_of_fp32_groups", None) or getattr(zero, "fp32_partitioned_groups_flat"))
+
+
 def _zero_state(engine) -> tuple[list, list]:
     """This rank's share of a ZeRO optimizer: its torch optimizer's state (Adam's moments) over the
     rank's flat fp32 partitions, and those partitions (the fp32 master weights)."""
-    zero = engine.optimizer
-    inner = getattr(zero, "optimizer", zero)
-    masters = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(zero, "fp32_partitioned_groups_flat", [])
-    return list(inner.state.values()), list(masters)
+    return list(_inner_optimizer(engine).state.values()), _masters(engine)
 
 
 def _tensor_bytes(value) -> int:
