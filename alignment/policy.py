@@ -21,6 +21,7 @@ inputs for N images, and for Mllama `cross_attention_mask [B,T,1,tiles]`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from contextlib import contextmanager
@@ -326,7 +327,11 @@ class MultimodalPolicy(nn.Module):
         would also return the frozen base head (the whole vocabulary projection)."""
         from peft import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(self.model, adapter_name=name, save_embedding_layers=False)
+        # PEFT filters a state dict; ours skips the 4-bit base weights, whose serialisation bitsandbytes
+        # runs per weight (on CPU it unpacks each one, and fails when they are stored as floats for ZeRO-3).
+        tensors = itertools.chain(self.model.named_parameters(), self.model.named_buffers())
+        state = {key: t for key, t in tensors if t.__class__.__name__ != "Params4bit"}
+        return get_peft_model_state_dict(self.model, state_dict=state, adapter_name=name, save_embedding_layers=False)
 
     def save_adapter(self, name: str, folder: str | Path) -> Path:
         """Write adapter `name` in PEFT's format (adapter_config.json + safetensors), and its head."""
@@ -512,7 +517,7 @@ class MultimodalPolicy(nn.Module):
             token = torch.where(finished, torch.full_like(token, pad_id), token)
             new_tokens.append(token)
             finished |= torch.isin(token, stop_ids)
-            if finished.all():
+            if _all_finished(finished, self.synced_generation):
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
             position_ids = position_ids[:, -1:] + 1
@@ -523,6 +528,8 @@ class MultimodalPolicy(nn.Module):
             )
             past, logits = out.past_key_values, out.logits[:, -1]
         return torch.stack(new_tokens, dim=1)
+
+    synced_generation = False  # ZeRO-3 with several processes: the engine sets it (see `_all_finished`)
 
     def _stop_token_ids(self) -> set[int]:
         """Token ids that end an answer: the generation config's and text config's EOS ids (Llama 3.2
@@ -548,6 +555,20 @@ class MultimodalPolicy(nn.Module):
             cut = next((i for i, t in enumerate(row) if t in stops), len(row))
             texts.append(self.processor.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
         return texts
+
+
+def _all_finished(finished: torch.Tensor, synced: bool) -> bool:
+    """Whether generation stops: every row here has stopped, and with `synced` every row of every
+    process. Under ZeRO-3 each forward gathers parameters with all processes, so a process whose rows
+    stopped keeps stepping (emitting pad) until all have (transformers' `synced_gpus`)."""
+    done = bool(finished.all())
+    if not synced:
+        return done
+    import torch.distributed as dist
+
+    flag = torch.tensor([0.0 if done else 1.0], device=finished.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)  # processes not yet done
+    return flag.item() == 0
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:

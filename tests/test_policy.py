@@ -241,3 +241,25 @@ def test_generation_stops_at_eot(name):
     for row in tokens.tolist():
         assert eot in row
     assert policy.decode(tokens) == ["Maria Lopez", "Travel"]
+
+
+def test_synced_generation_steps_on_until_every_process_has_stopped(monkeypatch):
+    """Under ZeRO-3 every forward gathers parameters with all processes: a process whose rows have all
+    stopped must keep stepping (pad tokens) while another has not, or the others wait forever."""
+    import torch.distributed as dist
+
+    policy = load("tiny-mllama")
+    prompts = make_batch(policy, answers=("Maria Lopez", "Travel"), with_answer=False, padding_side="left")
+    first = policy.generate(prompts, max_new_tokens=1)[:, 0]
+    monkeypatch.setattr(policy, "_stop_token_ids", lambda: set(first.tolist()))  # every row stops at once
+    assert policy.generate(prompts, max_new_tokens=8).shape[1] == 1
+    others_running = iter([1.0, 1.0, 1.0])  # another process still generating for 3 more steps
+
+    def all_reduce(flag, op=None):
+        flag += next(others_running, 0.0)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    policy.synced_generation = True
+    tokens = policy.generate(prompts, max_new_tokens=8)
+    assert tokens.shape[1] == 4
+    assert (tokens[:, 1:] == policy.processor.tokenizer.pad_token_id).all()

@@ -4,7 +4,9 @@ A stage says how to set up its adapters, collate a micro-batch, count what its l
 compute one micro-batch's summed loss (`train_step`) and evaluate. The loop here does the rest:
 gradient accumulation with losses averaged by count over all micro-batches and processes (exact
 under accumulation and across ranks), the learning-rate schedule, gradient clipping, a non-finite
-guard, a progress bar, TensorBoard scalars, atomic checkpoints and resume.
+guard, a progress bar, TensorBoard scalars, atomic checkpoints and resume. Backward, gradient
+synchronisation, clipping and the update go through a `StepEngine` (`engine.py`): one process, DDP,
+or a DeepSpeed ZeRO engine, as the accelerate launch config says.
 """
 
 from __future__ import annotations

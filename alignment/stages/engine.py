@@ -103,6 +103,9 @@ class StepEngine:
                                   self.world_size, max_grad_norm, bf16)
             module = models[0] if len(models) == 1 else _Models(models)
             self.deepspeed, self.optimizer = accelerator.prepare(module, optimizer)
+            if self.zero_stage == 3 and self.world_size > 1:
+                for model in models:  # every forward gathers with all processes: generate in step
+                    model.synced_generation = True
         elif self.kind == "ddp":
             self.ddp = accelerator.prepare(_TrainedParameters(params))
 
@@ -236,7 +239,7 @@ def _inner_optimizer(engine) -> torch.optim.Optimizer:
 def _masters(engine) -> list[torch.Tensor]:
     """This rank's flat fp32 partitions (one per parameter group) that a ZeRO optimizer updates."""
     zero = engine.optimizer
-    return list(getattr(zero, "single_partition_of_fp32_groups", None) or getattr(zero, "fp32_partitioned_groups_flat"))
+    return list(getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_partitioned_groups_flat)
 
 
 def _zero_state(engine) -> tuple[list, list]:
