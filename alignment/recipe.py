@@ -221,15 +221,6 @@ def _resolve_deepspeed_file() -> None:
     os.environ[key] = str(in_repo)
 
 
-def distributed_facts(accelerator) -> dict:
-    """report.json's `distributed` block: engine (single | ddp | deepspeed), ZeRO stage, world size
-    (each stage entry adds what each rank held: `distributed.per_rank`)."""
-    from alignment.stages.engine import engine_kind, zero_stage
-
-    return {"engine": engine_kind(accelerator), "zero_stage": zero_stage(accelerator),
-            "world_size": accelerator.num_processes}
-
-
 def model_dtype(recipe: RecipeConfig):
     import torch
 
@@ -385,6 +376,8 @@ def _run_recipe(recipe: RecipeConfig, dry_run: bool, accelerator) -> dict:
     report = {"recipe": recipe.name, "model": recipe.model.name, "stages": []}
     if recipe.resume and report_path.exists():
         report = json.loads(report_path.read_text())
+    from alignment.stages.engine import distributed_facts
+
     report["distributed"] = distributed_facts(accelerator)
     done = {entry["name"]: entry for entry in report["stages"]}
     previous_adapter = None

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from alignment.config import StageConfig
 from alignment.stages import checkpoint as ckpt
-from alignment.stages.engine import StepEngine, partitioned_gathered
+from alignment.stages.engine import StepEngine, distributed_facts, zero3_gathered
 from alignment.stages.schedule import lr_at
 from alignment.stages.stream import ExampleStream
 
@@ -160,13 +160,13 @@ class Stage:
     def run(self, previous_adapter: Path | None = None) -> dict:
         """Set up, train (resuming if asked), save the adapter, evaluate; returns the report entry."""
         start = time.time()
-        with partitioned_gathered(getattr(self.policy, "adapter_parameters", list)()):
+        with zero3_gathered(getattr(self.policy, "adapter_parameters", list)(), modifier_rank=0):
             self.setup(previous_adapter)  # ZeRO-3 (a later stage): the adapters it copies or loads whole
         no_dropout = getattr(self.config, "disable_dropout", False)
         with dropout_disabled(self.models_in_use()) if no_dropout else nullcontext():
             steps = self.train()
             held = self._held_by_rank()  # after the last step: gradients and optimizer state still held
-            with self.engine.gathered(self.engine.params):  # ZeRO-3: the adapter whole, not this rank's part
+            with zero3_gathered(self.engine.params):  # ZeRO-3: the adapter whole, not this rank's part
                 if self.ctx.is_main:
                     self.policy.save_adapter(self.adapter_name, self.dir)
             self.ctx.accelerator.wait_for_everyone()
@@ -183,8 +183,7 @@ class Stage:
                  "seconds": round(time.time() - start, 1), "train": train, "eval": metrics}
         if test is not None:
             entry["test"] = test
-        entry["distributed"] = {"engine": self.engine.kind, "zero_stage": self.engine.zero_stage,
-                                "world_size": self.ctx.world_size, "per_rank": held}
+        entry["distributed"] = {**distributed_facts(self.ctx.accelerator), "per_rank": held}
         return {**entry, "history": self.history}
 
     def _held_by_rank(self) -> list[dict]:
@@ -299,7 +298,7 @@ class Stage:
 
                 shutil.rmtree(staged)
             staged.mkdir(parents=True)
-        with self.engine.gathered(self.engine.params):  # ZeRO-3: adapters whole for the main rank to write
+        with zero3_gathered(self.engine.params):  # ZeRO-3: adapters whole for the main rank to write
             if ctx.is_main:
                 for model, name in self._trained_adapters():
                     model.save_adapter(name, staged / "adapters" / name)

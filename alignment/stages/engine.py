@@ -182,18 +182,6 @@ class StepEngine:
         else:
             self.optimizer.load_state_dict(state)
 
-    @contextmanager
-    def gathered(self, params: list[nn.Parameter], modifier_rank: int | None = None):
-        """Inside: `params` whole on every rank (ZeRO-3 partitions them; a no-op otherwise). With
-        `modifier_rank`, that rank's changes are partitioned back on exit."""
-        if self.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
-                yield
-        else:
-            yield
-
     def memory(self) -> dict:
         """Bytes this rank holds after a step: `parameter_bytes` (every element it stores: the whole
         model, or its ZeRO-3 partition), `gradient_bytes` of the trained parameters at the last update
@@ -212,18 +200,24 @@ class StepEngine:
 
 
 @contextmanager
-def partitioned_gathered(params: list[nn.Parameter]):
-    """Inside: those of `params` that ZeRO-3 partitioned are whole on every rank, and what the code
-    inside writes to them is partitioned again on exit (all ranks must enter). A no-op for others.
-    Stages set up their adapters inside it (copies and loads read and write whole tensors)."""
+def zero3_gathered(params: list[nn.Parameter], modifier_rank: int | None = None):
+    """Inside: those of `params` that ZeRO-3 partitioned are whole on every rank (all ranks must
+    enter); a no-op for any other parameter. With `modifier_rank`, what that rank writes to them is
+    partitioned back on exit (stages set up their adapters so: copies and loads write whole tensors)."""
     partitioned = [p for p in params if hasattr(p, "ds_id")]
     if not partitioned:
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
         yield
+
+
+def distributed_facts(accelerator) -> dict:
+    """report.json's `distributed` block: engine (single | ddp | deepspeed), ZeRO stage, world size."""
+    return {"engine": engine_kind(accelerator), "zero_stage": zero_stage(accelerator),
+            "world_size": accelerator.num_processes}
 
 
 def _held(param: nn.Parameter) -> torch.Tensor:
