@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser(
         "generate", help="one greedy answer to a question about an image",
-        description="Answer one question about one image with a policy stage (sft, dpo, ppo), greedily, "
+        description="Answer one question about one image with a policy stage (sft, dpo, ppo, grpo), greedily, "
                     "with seed 000's prompt and the run's instruction. Prints the answer.")
     _add_stage_arg(generate)
     generate.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
@@ -323,7 +323,7 @@ def _generate(args) -> int:
     recipe, index, _ = open_stage(args.stage, args.recipe)
     config = recipe.stages[index]
     if config.type == "reward":
-        raise ConfigError(f"stage {config.name!r} is a reward model; generate with a policy stage (sft, dpo, ppo)")
+        raise ConfigError(f"stage {config.name!r} is a reward model; generate with a policy stage (sft, dpo, ppo, grpo)")
     if args.max_new_tokens is not None and args.max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
     image = _read_image(args.image)

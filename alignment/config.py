@@ -133,7 +133,7 @@ class StageConfig:
     """Settings every stage shares: the loop, the optimizer, checkpoints, evaluation."""
 
     name: str = ""  # folder name of the stage's outputs; defaults to its type
-    type: str = ""  # sft | dpo | reward | ppo
+    type: str = ""  # sft | dpo | reward | ppo | grpo | projector
     max_steps: int = 100  # optimizer steps
     batch_size: int = 16  # examples (pairs for dpo/reward) per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -285,6 +285,97 @@ class PPOConfig(StageConfig):
 
 
 STAGE_CONFIGS.update({"reward": RewardConfig, "ppo": PPOConfig})
+
+GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+IMPORTANCE_SAMPLING = ("token", "sequence")
+
+
+@dataclass
+class RewardSpec:
+    """One term of a GRPO stage's reward: a named function (alignment/rewards.py) and its weight."""
+
+    name: str = "exact_match"  # exact_match | contains_answer | concise | format | reward_model | module:function
+    weight: float = 1.0  # the answer's reward is the weighted sum of its terms
+
+
+@dataclass
+class GRPOConfig(StageConfig):
+    """Critic-free online RL (GRPO family): G sampled answers per prompt, rewards from functions,
+    advantages relative to the prompt's group, a clipped surrogate loss.
+
+    `batch_size` counts prompts: a micro-batch holds `batch_size * num_generations` answers. One
+    iteration samples `batch_size * grad_accum * num_minibatches` prompts per process and makes
+    `num_iterations * num_minibatches` optimizer steps, so `max_steps` must be a multiple of that.
+    GRPO: `advantage: grpo`, `loss_agg: seq_mean_token_mean`; Dr. GRPO: `dr_grpo` +
+    `seq_mean_token_sum_norm`; RLOO: `rloo`; DAPO: `clip_high: 0.28`, `dynamic_sampling`,
+    `token_mean`, `overlong_penalty`; GSPO: `importance_sampling: sequence`."""
+
+    type: str = "grpo"
+    lr: float = 1e-5
+    lr_schedule: str = "constant"
+    batch_size: int = 4  # prompts per micro-batch per process (each with num_generations answers)
+    num_generations: int = 4  # G: answers sampled per prompt
+    num_iterations: int = 1  # passes over each rollout (mu; >1 reuses samples with the clipped ratio)
+    num_minibatches: int = 1  # optimizer steps per pass over a rollout
+    temperature: float = 1.0  # sampling temperature; log-probs use the same logits / temperature
+    top_p: float = 1.0  # nucleus sampling
+    advantage: str = "grpo"  # grpo (group z-score) | dr_grpo (group mean removed) | rloo (leave-one-out)
+    clip_low: float = 0.2  # ratio clip below: 1 - clip_low
+    clip_high: float = 0.2  # ratio clip above: 1 + clip_high (DAPO's clip-higher: 0.28)
+    importance_sampling: str = "token"  # token | sequence (GSPO: one ratio per answer)
+    loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
+    kl_beta: float = 0.0  # weight of the k3 KL to the reference per token (0: no reference pass)
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal and sample more prompts (DAPO)
+    max_sampling_rounds: int = 3  # with dynamic_sampling: sampling rounds per rollout before keeping equal groups
+    overlong_penalty: float | None = None  # subtracted from the reward of answers cut off at max_new_tokens
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])  # weighted reward terms
+    reward_adapter: str | None = None  # reward model folder for `reward_model` (default: the last reward stage's)
+    eval_kl_samples: int = 2  # sampled answers per held-out prompt for the evaluation's KL estimate
+    disable_dropout: bool = True  # dropout off: rollouts and updates see one policy (first ratio exactly 1)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # the `policy` adapter when none is inherited
+
+    def __post_init__(self):
+        super().__post_init__()
+        where = f"stages.{self.name}"
+        _positive(self, "num_generations", "num_iterations", "num_minibatches", "temperature",
+                  "max_sampling_rounds", "eval_kl_samples")
+        _check(0 < self.top_p <= 1, f"{where}.top_p", "must be in (0, 1]")
+        _check(self.advantage in GROUP_ADVANTAGES, f"{where}.advantage", f"must be one of {GROUP_ADVANTAGES}")
+        _check(self.advantage != "rloo" or self.num_generations > 1, f"{where}.num_generations",
+               "rloo needs at least 2 answers per prompt")
+        _check(self.loss_agg in LOSS_AGGREGATIONS, f"{where}.loss_agg", f"must be one of {LOSS_AGGREGATIONS}")
+        _check(self.importance_sampling in IMPORTANCE_SAMPLING, f"{where}.importance_sampling",
+               f"must be one of {IMPORTANCE_SAMPLING}")
+        _check(0 <= self.clip_low < 1 and self.clip_high >= 0, f"{where}.clip_low/clip_high",
+               "need 0 <= clip_low < 1 and clip_high >= 0")
+        _check(self.kl_beta >= 0, f"{where}.kl_beta", "must be >= 0")
+        _check(bool(self.rewards), f"{where}.rewards", "at least one reward is needed")
+        from alignment.rewards import resolve
+
+        for index, spec in enumerate(self.rewards):
+            try:
+                resolve(spec.name)
+            except ValueError as error:
+                raise ConfigError(f"{where}.rewards.{index}.name: {error}") from None
+        per_iteration = self.steps_per_iteration
+        _check(self.max_steps % per_iteration == 0, f"{where}.max_steps",
+               f"must be a multiple of num_iterations x num_minibatches = {per_iteration} (one rollout's updates), "
+               f"got {self.max_steps}")
+        self.save_every = -(-self.save_every // per_iteration) * per_iteration
+
+    @property
+    def steps_per_iteration(self) -> int:
+        return self.num_iterations * self.num_minibatches
+
+    @property
+    def uses_reward_model(self) -> bool:
+        from alignment.rewards import REWARD_MODEL
+
+        return any(spec.name == REWARD_MODEL for spec in self.rewards)
+
+
+STAGE_CONFIGS["grpo"] = GRPOConfig
 
 
 @dataclass

@@ -43,7 +43,7 @@ def merge_adapter(model_name: str, adapter_dir: str | os.PathLike, out_dir: str 
         raise FileNotFoundError(f"no {ADAPTER_FILE} in {adapter_dir}: not a finished stage's adapter folder")
     if (adapter_dir / HEAD_FILE).exists():
         raise MergeError(f"{adapter_dir} holds a reward model or critic (a LoRA adapter plus a scalar head), "
-                         "not a policy; merge the folder of an sft, dpo or ppo stage")
+                         "not a policy; merge the folder of an sft, dpo, ppo or grpo stage")
     from alignment.adapters.base import read_config
     from alignment.adapters.menu import method_of_peft_type
 

@@ -490,10 +490,13 @@ class MultimodalPolicy(nn.Module):
         top_p: float = 1.0,
         image_features: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        num_samples: int = 1,
     ) -> torch.Tensor:
         """Sample completions for left-padded prompts with a KV cache; images encoded once.
 
-        Returns new tokens `[B, L]` (L <= max_new_tokens); after a row's <|eot_id|> (or other stop
+        With `num_samples` G > 1, each prompt is prefilled once and its KV cache (image
+        cross-attention states included) serves G samples: rows p*G .. p*G + G-1 continue prompt p.
+        Returns new tokens `[B*G, L]` (L <= max_new_tokens); after a row's <|eot_id|> (or other stop
         token) it holds the pad id. temperature 0 is greedy.
         """
         tokenizer = self.processor.tokenizer
@@ -509,11 +512,19 @@ class MultimodalPolicy(nn.Module):
             position_ids=position_ids, use_cache=True, **extra,
         )
         past = out.past_key_values
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
-        new_tokens = []
         logits = out.logits[:, -1]
+        if num_samples > 1:  # one prefill per prompt, then G rows each
+            past.batch_repeat_interleave(num_samples)
+            logits, attention_mask, position_ids = (x.repeat_interleave(num_samples, dim=0)
+                                                    for x in (logits, attention_mask, position_ids))
+            cross_mask = None if cross_mask is None else cross_mask.repeat_interleave(num_samples, dim=0)
+        finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=self.device)
+        new_tokens = []
+        never = self._unsampled_token_ids(logits.shape[-1])
         for _ in range(max_new_tokens):
-            token = _sample(logits.float(), temperature, top_p, generator)
+            logits = logits.float()
+            logits[:, never] = float("-inf")  # an answer never holds an image placeholder
+            token = _sample(logits, temperature, top_p, generator)
             token = torch.where(finished, torch.full_like(token, pad_id), token)
             new_tokens.append(token)
             finished |= torch.isin(token, stop_ids)
@@ -528,6 +539,14 @@ class MultimodalPolicy(nn.Module):
             )
             past, logits = out.past_key_values, out.logits[:, -1]
         return torch.stack(new_tokens, dim=1)
+
+    def _unsampled_token_ids(self, vocab_size: int) -> list[int]:
+        """Ids generation must never emit: the image placeholder (`<|image|>`), where the output head
+        has a row for it (tiny LLaVA does; Llama 3.2 Vision's 128256 lies past its head). A sampled
+        placeholder would make the next forward look for image features that are not there."""
+        config = self.config
+        ids = {getattr(config, "image_token_id", None), getattr(config, "image_token_index", None)}
+        return sorted(i for i in ids if isinstance(i, int) and 0 <= i < vocab_size)
 
     synced_generation = False  # ZeRO-3 with several processes: the engine sets it (see `_all_finished`)
 

@@ -125,6 +125,9 @@ def _check_stage_order(recipe: RecipeConfig) -> None:
     for i, kind in enumerate(types):
         if kind == "ppo" and "reward" not in types[:i] and not getattr(recipe.stages[i], "reward_adapter", None):
             raise ConfigError(f"stages.{i}: a ppo stage needs a reward stage before it (or reward_adapter)")
+        if (kind == "grpo" and recipe.stages[i].uses_reward_model and "reward" not in types[:i]
+                and not recipe.stages[i].reward_adapter):
+            raise ConfigError(f"stages.{i}: the reward_model reward needs a reward stage before it (or reward_adapter)")
 
 
 def apply_override(raw: dict, override: str) -> None:
@@ -230,8 +233,8 @@ def model_dtype(recipe: RecipeConfig):
 
 
 def data_task(stage: StageConfig) -> str:
-    """The examples a stage trains on: "sft" (QA) for sft, ppo and projector, else "preference" (pairs)."""
-    return "sft" if stage.type in ("sft", "ppo", "projector") else "preference"
+    """The examples a stage trains on: "sft" (QA) for sft, ppo, grpo and projector, else "preference" (pairs)."""
+    return "sft" if stage.type in ("sft", "ppo", "grpo", "projector") else "preference"
 
 
 def _dataset_args(recipe: RecipeConfig, stage: StageConfig, processor) -> dict:

@@ -17,7 +17,7 @@ PANELS = (
     ("KL and score", ("kl", "score")),
 )
 CURVES = tuple(key for _, keys in PANELS for key in keys)
-POLICY_TYPES = ("sft", "dpo", "ppo")
+POLICY_TYPES = ("sft", "dpo", "ppo", "grpo")
 SAMPLES_SHOWN = 4
 
 

@@ -242,6 +242,27 @@ class Ours:
         return out
 
 
+def adopt_lora(trainer, lora_state: dict, lr: float):
+    """Copy our initial LoRA weights into a TRL trainer's PEFT model, check it trains exactly that
+    parameter set, and give it our AdamW; returns (model in train mode, optimizer, vision-call counter)."""
+    model = trainer.model
+    params = dict(model.named_parameters())
+    missing = sorted(set(lora_state) - set(params))
+    if missing:
+        raise RuntimeError(f"TRL's LoRA lacks {len(missing)} of our parameters, e.g. {missing[:2]}")
+    with torch.no_grad():
+        for name, value in lora_state.items():
+            params[name].copy_(value)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if sum(p.numel() for p in trainable) != sum(v.numel() for v in lora_state.values()):
+        raise RuntimeError("TRL trains a different parameter set than ours")
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    trainer.optimizer = optimizer
+    trainer.current_gradient_accumulation_steps = 1
+    model.train()
+    return model, optimizer, ImageCounter(model.get_base_model().model.vision_tower)
+
+
 class TRL:
     """TRL's DPOTrainer, its training step driven by hand with the same AdamW."""
 
@@ -268,22 +289,7 @@ class TRL:
         dataset = datasets.Dataset.from_list([to_trl(e) for e in pool[:8]])
         self.trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
                                   peft_config=peft_config)
-        self.model = self.trainer.model
-        params = dict(self.model.named_parameters())
-        missing = sorted(set(lora_state) - set(params))
-        if missing:
-            raise RuntimeError(f"TRL's LoRA lacks {len(missing)} of our parameters, e.g. {missing[:2]}")
-        with torch.no_grad():
-            for name, value in lora_state.items():
-                params[name].copy_(value)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        if sum(p.numel() for p in trainable) != sum(v.numel() for v in lora_state.values()):
-            raise RuntimeError("TRL trains a different parameter set than ours")
-        self.optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
-        self.trainer.optimizer = self.optimizer
-        self.trainer.current_gradient_accumulation_steps = 1
-        self.model.train()
-        self.counter = ImageCounter(self.model.get_base_model().model.vision_tower)
+        self.model, self.optimizer, self.counter = adopt_lora(self.trainer, lora_state, LR)
 
     def collate(self, examples):
         return self.trainer.data_collator([to_trl(e) for e in examples])

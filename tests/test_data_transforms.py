@@ -92,8 +92,9 @@ def test_sft_verbose_mix_follows_the_question():
     for m, e in zip(mixed, examples):
         if e["question"] in verbose:
             assert is_verbose(m["answer"], e["answer"])
+            assert m["reference"] == e["answer"]  # the concise answer a verifiable reward checks against
         else:
-            assert m["answer"] == e["answer"]
+            assert m["answer"] == e["answer"] and "reference" not in m
     # one template per question
     per_question = {}
     for m, e in zip(mixed, examples):

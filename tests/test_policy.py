@@ -243,6 +243,27 @@ def test_generation_stops_at_eot(name):
     assert policy.decode(tokens) == ["Maria Lopez", "Travel"]
 
 
+def test_generation_never_emits_the_image_placeholder():
+    """tiny LLaVA's output head has a row for `<|image|>`: even when it is the likeliest token, neither
+    greedy nor sampled answers hold it (the next forward would look for image features to splice in)."""
+    policy = load("tiny-llava")
+    image_id = policy.config.image_token_id
+    def favour_placeholder(module, args, logits):
+        logits[..., image_id] += 100.0
+        return logits
+
+    policy.base_model.lm_head.register_forward_hook(favour_placeholder)
+    prompts = make_batch(policy, with_answer=False, padding_side="left")
+    greedy = policy.generate(prompts, max_new_tokens=4)
+    sampled = policy.generate(prompts, max_new_tokens=4, temperature=1.0, num_samples=3,
+                              generator=torch.Generator().manual_seed(0))
+    assert image_id not in greedy.tolist()[0] + greedy.tolist()[1]
+    assert image_id not in sum(sampled.tolist(), [])
+    with torch.no_grad():
+        logits = policy.forward(prompts).logits[:, -1]
+    assert (logits.argmax(-1) == image_id).all()  # the unmasked head would have said <|image|>
+
+
 def test_synced_generation_steps_on_until_every_process_has_stopped(monkeypatch):
     """Under ZeRO-3 every forward gathers parameters with all processes: a process whose rows have all
     stopped must keep stepping (pad tokens) while another has not, or the others wait forever."""

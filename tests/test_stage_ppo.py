@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from alignment.config import ConfigError
 from alignment.data import build_datasets
 from alignment.policy import LoraSpec, MultimodalPolicy
 from alignment.recipe import make_accelerator, recipe_from_dict
-from alignment.stages import PPOStage, RunContext, Stage
+from alignment.stages import PPOStage, RunContext
 from tests._adapters import save_perturbed_adapters
+from tests._online import check_kill_mid_rollout_then_resume
 from tests._recipes import build, tiny_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,45 +228,10 @@ def test_separate_models_hold_their_own_bases(tmp_path, prompts, adapters):
     torch.testing.assert_close(rollout.old_logprobs, rollout.ref_logprobs, atol=1e-5, rtol=0)
 
 
-def adapter_tensors(folder):
-    tensors = load_file(str(folder / "adapter_model.safetensors"))
-    if (folder / "head.safetensors").exists():
-        tensors.update({f"head.{k}": v for k, v in load_file(str(folder / "head.safetensors")).items()})
-    return tensors
-
-
 def test_killed_mid_iteration_and_resumed_equals_uninterrupted(tmp_path, prompts, adapters, monkeypatch):
-    """4 steps = 2 iterations of 2 updates; the kill comes in the middle of the second iteration,
-    after the step-2 checkpoint: the resumed run redoes that iteration's rollout identically."""
-    straight = tmp_path / "straight"
-    stage, _ = make_stage(straight, prompts, adapters)
-    stage.run(None)
-
-    crashed = tmp_path / "crashed"
-    original = Stage._optimizer_step
-
-    def crash_at_step_4(self, optimizer, params, stream, step):
-        if step == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, optimizer, params, stream, step)
-
-    monkeypatch.setattr(Stage, "_optimizer_step", crash_at_step_4)
-    stage, _ = make_stage(crashed, prompts, adapters)
-    with pytest.raises(KeyboardInterrupt):
-        stage.run(None)
-    monkeypatch.setattr(Stage, "_optimizer_step", original)
-    checkpoints = sorted(p.name for p in (crashed / "ppo" / "checkpoints").glob("step-*"))
-    assert checkpoints == ["step-000002"]  # only on iteration boundaries
-    resumed, _ = make_stage(crashed, prompts, adapters, resume=True)
-    entry = resumed.run(None)
-
-    for folder in ("ppo", "ppo/critic"):
-        a, b = adapter_tensors(straight / folder), adapter_tensors(crashed / folder)
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
-    straight_history = json.loads((straight / "ppo" / "checkpoints" / "step-000004" / "state.json").read_text())
-    assert [h["loss"] for h in entry["history"]] == [h["loss"] for h in straight_history["history"]]
+    check_kill_mid_rollout_then_resume(
+        tmp_path, lambda out, resume=False: make_stage(out, prompts, adapters, resume=resume)[0], "ppo",
+        ("ppo", "ppo/critic"), monkeypatch)
 
 
 def test_sigterm_mid_iteration_waits_for_the_boundary(tmp_path, prompts, adapters):

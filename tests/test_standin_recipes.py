@@ -55,6 +55,26 @@ def test_dpo_11b_recipe_runs_on_the_standin_then_generate(tmp_path, capsys):
     assert capsys.readouterr().out.strip()  # an answer (random weights: any tokens)
 
 
+def test_grpo_11b_recipe_dry_runs_on_the_standin(tmp_path):
+    """`--dry-run`: the recipe validates, and one real batch of each stage (GRPO: a generation, then
+    the update's forward) runs on the stand-in's 600x900 covers."""
+    dry = load_recipe(ROOT / "recipes" / "grpo_llama32_vision_11b.yaml",
+                      [f"output_dir={tmp_path}", *PORTRAIT, "data.num_covers=24", "stages.0.batch_size=1",
+                       "stages.1.batch_size=1"])
+    report = run_recipe(dry, dry_run=True)
+    assert [s["name"] for s in report["stages"]] == ["sft", "grpo"]
+    assert report["stages"][1]["batch"]["tiles_used"][1] == 4  # portrait covers fill Mllama's 4 tiles
+
+
+@pytest.mark.slow
+def test_grpo_11b_recipe_runs_a_step_on_the_standin(tmp_path):
+    report = run_11b("grpo_llama32_vision_11b", tmp_path / "run", stage_count=2, steps=1, covers=24,
+                     extra=["stages.1.num_minibatches=1", "stages.1.grad_accum=1", "stages.1.num_generations=2",
+                            "stages.1.eval_kl_samples=1"])
+    check_report(report, ["sft", "grpo"])
+    assert report["stages"][1]["history"][0]["clipfrac"] == 0.0  # bf16 + dropout 0.05: the first ratio is 1
+
+
 @pytest.mark.slow
 def test_both_11b_recipes_run_on_the_standin_then_eval_and_merge(tmp_path):
     dpo = run_11b("dpo_llama32_vision_11b", tmp_path / "dpo", stage_count=2, steps=3, covers=40)

@@ -117,6 +117,8 @@ def sft_verbose_mix(examples: list[dict[str, Any]], sft_verbose_fraction: float 
     answer stays close (the starting point PPO can improve on without moving far).
     ``sft_verbose_style`` picks the templates (``catalog.VERBOSE_STYLES``): "answer_first" ones
     begin with the concise answer, so SFT learns that answer's tokens from every example.
+    An explaining example keeps its concise answer as ``reference`` (what a verifiable reward
+    checks an answer against: GRPO's ``exact_match``).
     """
     if not 0.0 <= sft_verbose_rate <= 1.0:
         raise ValueError(f"sft_verbose_rate must be in [0, 1], got {sft_verbose_rate}")
@@ -129,8 +131,8 @@ def sft_verbose_mix(examples: list[dict[str, Any]], sft_verbose_fraction: float 
     rng = random.Random(seed + 7_919)
     explains = [e["question"] in verbose and bool(e["answer"]) and rng.random() < sft_verbose_rate
                 for e in examples]
-    return [{**e, "answer": template_of[e["question"]].format(answer=e["answer"])} if explain else dict(e)
-            for e, explain in zip(examples, explains)]
+    return [{**e, "answer": template_of[e["question"]].format(answer=e["answer"]), "reference": e["answer"]}
+            if explain else dict(e) for e, explain in zip(examples, explains)]
 
 
 def make_preference_pairs(examples: list[dict[str, Any]], verbose_fraction: float = 0.5,

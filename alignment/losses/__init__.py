@@ -1,10 +1,18 @@
-"""Loss math for SFT, reward modelling, DPO and PPO: plain tensors in, tensors out; torch only.
+"""Loss math for SFT, reward modelling, DPO, PPO and GRPO: plain tensors in, tensors out; torch only.
 
 Shapes: B batch, T tokens, V vocabulary. ``mask`` is 1 on the tokens that count, 0 elsewhere.
 Log-probs are natural log.
 """
 
 from .dpo import DPO_LOSS_TYPES, dpo_loss, dpo_sigmoid_loss, hinge_loss, ipo_loss, rpo_nll
+from .grpo import (
+    GROUP_ADVANTAGES,
+    IMPORTANCE_SAMPLING,
+    LOSS_AGGREGATIONS,
+    group_advantages,
+    grpo_loss,
+    grpo_loss_sum,
+)
 from .kl import AdaptiveKLController, FixedKLController
 from .logprobs import entropy_from_logits, gather_logprobs, sequence_logprobs
 from .masked import masked_mean, masked_sum, masked_var, masked_whiten
@@ -22,6 +30,9 @@ from .sft import sft_loss, sft_loss_sum
 
 __all__ = [
     "DPO_LOSS_TYPES",
+    "GROUP_ADVANTAGES",
+    "IMPORTANCE_SAMPLING",
+    "LOSS_AGGREGATIONS",
     "AdaptiveKLController",
     "FixedKLController",
     "bradley_terry_loss",
@@ -30,6 +41,9 @@ __all__ = [
     "entropy_from_logits",
     "gae_advantages",
     "gather_logprobs",
+    "group_advantages",
+    "grpo_loss",
+    "grpo_loss_sum",
     "hinge_loss",
     "ipo_loss",
     "kl_penalized_rewards",

@@ -230,5 +230,25 @@ def load_model(
     # partitioned weights randomly before loading them, which would change every adapter's init after.
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
-        return _from_hub(name_or_path, lambda: AutoModelForImageTextToText.from_pretrained(
+        model = _from_hub(name_or_path, lambda: AutoModelForImageTextToText.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs))
+    if quant is not None and is_deepspeed_zero3_enabled():
+        keep_four_bit_weights_unpacked(model)
+    return model
+
+
+def keep_four_bit_weights_unpacked(model) -> int:
+    """Turn off bitsandbytes' CPU repacking of 4-bit weights; returns how many layers it touched.
+
+    On a CPU with AVX512-BF16, a 4-bit layer's first forward in eval mode without gradients
+    replaces its weight's data by a repacked uint8 layout. Under ZeRO-3 that data is a gathered
+    partition: DeepSpeed then partitions the repacked bytes, and the next `state_dict()` fails in
+    bitsandbytes (it expects uint8 storage; ZeRO-3 stores the compute dtype). Unpacked weights
+    take bitsandbytes' generic CPU kernel, as in training.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)

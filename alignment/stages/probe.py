@@ -23,7 +23,7 @@ def probe_stage(stage_class, config, policy, ctx, examples: list[dict]) -> dict:
     start = time.time()
     with torch.no_grad(), ctx.accelerator.autocast():
         features = policy.encode_images(batch)
-        if config.type == "ppo":  # rollouts: a KV-cache generation, then the updates' log-probs
+        if config.type in ("ppo", "grpo"):  # rollouts: a KV-cache generation, then the updates' log-probs
             policy.generate(batch, max_new_tokens=2, image_features=features)
             batch = _as_answers(chunk, policy, ctx)
             features = policy.encode_images(batch)

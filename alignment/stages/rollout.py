@@ -1,4 +1,4 @@
-"""The PPO rollout record: sampled answers to a batch of prompts and everything PPO derives from them.
+"""The rollout record: sampled answers to a batch of prompts and everything PPO or GRPO derives from them.
 
 B rows (one prompt and its sampled answer each), T = prompt + answer tokens. A row is
 ``[left padding | prompt | answer ... <|eot_id|> | right padding]``. Per-token fields are aligned
@@ -21,7 +21,7 @@ class Rollout:
     input_ids: torch.Tensor  # [B, T] int64: prompt (left-padded) then answer (right-padded)
     attention_mask: torch.Tensor  # [B, T] int64: 1 on prompt and answer tokens
     cross_attention_mask: torch.Tensor | None  # [B, T, 1, tiles] Mllama: image visible from <|image|> on
-    image_features: torch.Tensor  # [B, S, H] each row's image, encoded once (policy.encode_images)
+    image_features: torch.Tensor  # [N, S, H] the images, encoded once (policy.encode_images); N = B without image_index
     response_mask: torch.Tensor  # [B, T-1] float: 1 where position t predicts an answer token
     old_logprobs: torch.Tensor  # [B, T-1] log pi_old(token t+1) under the sampling policy
     ref_logprobs: torch.Tensor  # [B, T-1] log pi_ref(token t+1) under the reference
@@ -31,8 +31,10 @@ class Rollout:
     returns: torch.Tensor  # [B, T-1] advantages + values (before whitening): the critic's targets
     scores: torch.Tensor  # [B] reward model's score of each whole answer
     ids: list[str]  # [B] example ids
-    pixel_inputs: dict | None = None  # the family's pixel tensors [B, ...], kept only when an adapter
+    pixel_inputs: dict | None = None  # the family's pixel tensors [N, ...], kept only when an adapter
     #                                   touches the vision tower (updates then re-encode with gradient)
+    image_index: torch.Tensor | None = None  # [B] int64: row -> its image (GRPO: G rows share one); None: row i -> i
+    group_advantages: torch.Tensor | None = None  # [B] GRPO: each answer's advantage within its prompt's group
 
     @property
     def size(self) -> int:
@@ -43,19 +45,29 @@ class Rollout:
         and labels on the answer tokens (so `completion_logprobs` scores exactly the answer)."""
         labels = torch.full_like(self.input_ids, -100)
         labels[:, 1:] = torch.where(self.response_mask.bool(), self.input_ids[:, 1:], labels[:, 1:])
+        index = self.image_index if self.image_index is not None else torch.arange(self.size)
         batch = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": labels,
-                 "image_index": torch.arange(self.size, device=self.input_ids.device)}
+                 "image_index": index.to(self.input_ids.device)}
         if self.cross_attention_mask is not None:
             batch["cross_attention_mask"] = self.cross_attention_mask
         return {**batch, **(self.pixel_inputs or {})}
 
     def select(self, rows: torch.Tensor | list[int]) -> Rollout:
-        """The rollout of the given rows, with columns that are padding in every one of them dropped."""
+        """The rollout of the given rows, with columns that are padding in every one of them dropped
+        (and, with `image_index`, only the images those rows use, each once)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
-        picked = {}
+        picked, images = {}, None
+        if self.image_index is not None:
+            images, picked["image_index"] = torch.unique(self.image_index[rows.to(self.image_index.device)],
+                                                         return_inverse=True)
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "ids":
+            if f.name == "image_index":
+                continue
+            if images is not None and f.name in ("image_features", "pixel_inputs") and value is not None:
+                picked[f.name] = (value[images.to(value.device)] if torch.is_tensor(value)
+                                  else {k: v[images.to(v.device)] for k, v in value.items()})
+            elif f.name == "ids":
                 picked[f.name] = [value[i] for i in rows.tolist()]
             elif f.name == "pixel_inputs" and value is not None:
                 picked[f.name] = {k: v[rows.to(v.device)] for k, v in value.items()}
@@ -104,13 +116,16 @@ def cat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     out = {}
     for f in fields(Rollout):
         values = [getattr(p, f.name) for p in parts]
-        if f.name == "ids":
+        if f.name == "image_index" and values[0] is not None:  # offsets into the concatenated images
+            offsets = torch.tensor([0] + [p.image_features.shape[0] for p in parts[:-1]]).cumsum(0).tolist()
+            out[f.name] = torch.cat([v + offset for v, offset in zip(values, offsets)])
+        elif f.name == "ids":
             out[f.name] = [i for v in values for i in v]
         elif values[0] is None:
             out[f.name] = None
         elif f.name == "pixel_inputs":
             out[f.name] = {k: torch.cat([v[k] for v in values]) for k in values[0]}
-        elif f.name in ("scores", "image_features"):
+        elif f.name in ("scores", "image_features", "group_advantages"):
             out[f.name] = torch.cat(values)
         else:
             full = width if f.name in ("input_ids", "attention_mask", "cross_attention_mask") else width - 1
