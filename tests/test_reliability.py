@@ -87,7 +87,7 @@ RECIPE_ROWS = {
     "wrong type": ("stages:\n  - {type: sft, batch_size: big}\n", "stages.0.batch_size: expected int, got 'big'"),
     "wrong type (bool for int)": ("stages:\n  - {type: sft, max_steps: true}\n", "stages.0.max_steps: expected int"),
     "unknown key": ("outptu_dir: x\nstages:\n  - {type: sft}\n", "unknown key(s) ['outptu_dir']; valid keys"),
-    "unknown stage type": ("stages:\n  - {type: rlhf}\n", "unknown stage type 'rlhf'; valid: ['dpo', 'ppo'"),
+    "unknown stage type": ("stages:\n  - {type: rlhf}\n", "unknown stage type 'rlhf'; valid: ['dpo', 'grpo', 'ppo'"),
     "zero lr": ("stages:\n  - {type: sft, lr: 0}\n", "lr: must be > 0, got 0.0"),
     "negative lr": ("stages:\n  - {type: dpo, lr: -1.0e-4}\n", "lr: must be > 0, got -0.0001"),
     "zero batch size": ("stages:\n  - {type: sft, batch_size: 0}\n", "batch_size: must be > 0, got 0"),
