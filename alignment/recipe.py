@@ -379,7 +379,7 @@ def _run_recipe(recipe: RecipeConfig, dry_run: bool, accelerator) -> dict:
     report = {"recipe": recipe.name, "model": recipe.model.name, "stages": []}
     if recipe.resume and report_path.exists():
         report = json.loads(report_path.read_text())
-    from alignment.stages.engine import distributed_facts
+    from alignment.stages.engine import distributed_facts, per_rank_bytes
 
     report["distributed"] = distributed_facts(accelerator)
     done = {entry["name"]: entry for entry in report["stages"]}
@@ -408,6 +408,7 @@ def _run_recipe(recipe: RecipeConfig, dry_run: bool, accelerator) -> dict:
         entry = stage.run(previous_adapter)
         previous_adapter = stage_dir
         report["stages"] = [s for s in report["stages"] if s["name"] != entry["name"]] + [entry]
+        report["distributed"]["per_rank_bytes"] = per_rank_bytes(report["stages"])
         if accelerator.is_main_process:
             _write_json_atomic(report_path, report)
             _write_artifacts(out, recipe, report)

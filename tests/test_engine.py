@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignment.stages.engine import fill_deepspeed_config
+from alignment.stages.engine import fill_deepspeed_config, per_rank_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 deepspeed = pytest.importorskip("deepspeed")
@@ -29,6 +29,17 @@ def test_the_recipe_fills_the_deepspeed_json():
     assert filled["zero_optimization"]["stage"] == 3
     assert "auto" not in json.dumps(filled)
     assert fill_deepspeed_config({}, 2, 1, None, False)["gradient_clipping"] == 0.0  # no clipping
+
+
+def test_report_per_rank_bytes_is_the_most_any_rank_held_in_any_stage():
+    def rank(params, grads, state, masters):
+        return {"parameter_bytes": params, "gradient_bytes": grads, "optimizer_state_bytes": state,
+                "master_weight_bytes": masters}
+
+    stages = [{"distributed": {"per_rank": [rank(100, 10, 20, 0), rank(90, 12, 20, 0)]}},
+              {"distributed": {"per_rank": [rank(100, None, 8, 4), rank(100, 5, 30, 6)]}}, {"name": "untrained"}]
+    assert per_rank_bytes(stages) == {"parameters": 100, "gradients": 12, "optimizer": 36}
+    assert per_rank_bytes([{"name": "x"}]) is None
 
 
 # Runs launch/run.py, but SIGKILLs rank 0 when optimizer step DIE_AFTER is done, before its checkpoint.
@@ -90,15 +101,19 @@ def one_process_sft(tmp_path_factory):
     return out, launch("launch/accelerate/cpu.yaml", out, "sft_bookcover.yaml", 8)
 
 
-@pytest.mark.parametrize("config, engine, zero", [("launch/accelerate/ddp_cpu.yaml", "ddp", None),
+@pytest.mark.parametrize("config, engine, zero", [("launch/accelerate/ddp_cpu.yaml", "ddp", 0),
                                                   ("launch/accelerate/deepspeed_zero2_cpu.yaml", "deepspeed", 2),
                                                   ("launch/accelerate/deepspeed_zero3_cpu.yaml", "deepspeed", 3)])
 def test_two_processes_train_as_one_with_twice_the_batch(tmp_path, one_process_sft, config, engine, zero):
     out_one, one = one_process_sft
     two = launch(config, tmp_path / "run", "sft_bookcover.yaml", 4)
     assert_same_training(one, two, out_one, tmp_path / "run")
-    assert two["distributed"] == {"engine": engine, "zero_stage": zero, "world_size": 2}
-    assert one["distributed"] == {"engine": "single", "zero_stage": None, "world_size": 1}
+    facts = {k: v for k, v in two["distributed"].items() if k != "per_rank_bytes"}
+    assert facts == {"engine": engine, "zero_stage": zero, "world_size": 2}
+    assert {k: v for k, v in one["distributed"].items() if k != "per_rank_bytes"} == {
+        "engine": "none", "zero_stage": 0, "world_size": 1}
+    peak, alone_peak = two["distributed"]["per_rank_bytes"], one["distributed"]["per_rank_bytes"]
+    assert set(peak) == {"parameters", "gradients", "optimizer"} and peak["gradients"] > 0
     ranks, alone = two["stages"][0]["distributed"]["per_rank"], one["stages"][0]["distributed"]["per_rank"][0]
     assert len(ranks) == 2
     for held in ranks:
@@ -106,6 +121,7 @@ def test_two_processes_train_as_one_with_twice_the_batch(tmp_path, one_process_s
         params = held["parameter_bytes"] / alone["parameter_bytes"]
         if zero in (2, 3):  # each rank keeps half of Adam's moments, and an fp32 copy of half the weights
             assert 0.45 < share < 0.55, share
+            assert 0.45 < peak["gradients"] / alone_peak["gradients"] < 0.55  # and half the reduced gradients
             trained = alone["optimizer_state_bytes"] / 2  # Adam: two fp32 moments per trained weight
             assert 0.45 < held["master_weight_bytes"] / trained < 0.55
         else:

@@ -26,19 +26,20 @@ from torch import nn
 
 
 def engine_kind(accelerator) -> str:
-    """single | ddp | deepspeed, from the accelerator's distributed type and process count."""
+    """none (one process, no engine) | ddp | deepspeed, from the accelerator's distributed type and
+    process count (report.json's `distributed.engine`, shared/DESIGN.md)."""
     from accelerate.utils import DistributedType
 
     if getattr(accelerator, "distributed_type", None) == DistributedType.DEEPSPEED:
         return "deepspeed"
-    return "ddp" if accelerator.num_processes > 1 else "single"
+    return "ddp" if accelerator.num_processes > 1 else "none"
 
 
-def zero_stage(accelerator) -> int | None:
-    """The DeepSpeed ZeRO stage of `accelerator`'s config, None without DeepSpeed."""
+def zero_stage(accelerator) -> int:
+    """The DeepSpeed ZeRO stage of `accelerator`'s config, 0 without DeepSpeed."""
     plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
     if plugin is None:
-        return None
+        return 0
     return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
 
@@ -185,17 +186,20 @@ class StepEngine:
     def memory(self) -> dict:
         """Bytes this rank holds after a step: `parameter_bytes` (every element it stores: the whole
         model, or its ZeRO-3 partition), `gradient_bytes` of the trained parameters at the last update
-        (None under DeepSpeed, which keeps them in its own buffers), `optimizer_state_bytes` (Adam's
+        (under ZeRO-2/3: this rank's partition of the reduced gradients, which DeepSpeed frees after the
+        step, so it is counted as the partition's elements x the trained dtype), `optimizer_state_bytes` (Adam's
         moments; under ZeRO this rank's partition of them), `master_weight_bytes` (ZeRO's fp32 copy of
         this rank's partition of the trained weights; 0 otherwise)."""
+        gradient_bytes = self.gradient_bytes
         if self.deepspeed is not None:
             params = list(self.deepspeed.module.parameters())
             state, masters = _zero_state(self.deepspeed)
+            gradient_bytes = sum(m.numel() for m in masters) * self.params[0].element_size()
         else:
             unique = {id(p): p for m in self.models if isinstance(m, nn.Module) for p in m.parameters()}
             params, state, masters = list(unique.values()) or self.params, self.optimizer.state_dict(), []
         param_bytes = sum(_held(p).numel() * _held(p).element_size() for p in params)
-        return {"parameter_bytes": int(param_bytes), "gradient_bytes": self.gradient_bytes,
+        return {"parameter_bytes": int(param_bytes), "gradient_bytes": gradient_bytes,
                 "optimizer_state_bytes": int(_tensor_bytes(state)), "master_weight_bytes": int(_tensor_bytes(masters))}
 
 
@@ -215,9 +219,22 @@ def zero3_gathered(params: list[nn.Parameter], modifier_rank: int | None = None)
 
 
 def distributed_facts(accelerator) -> dict:
-    """report.json's `distributed` block: engine (single | ddp | deepspeed), ZeRO stage, world size."""
+    """report.json's `distributed` block: engine (none | ddp | deepspeed), ZeRO stage (0 without
+    DeepSpeed), world size."""
     return {"engine": engine_kind(accelerator), "zero_stage": zero_stage(accelerator),
             "world_size": accelerator.num_processes}
+
+
+def per_rank_bytes(stages: list[dict]) -> dict | None:
+    """report.json's `distributed.per_rank_bytes`: the most any rank held in any stage, in bytes, of
+    `parameters`, `gradients` and `optimizer` (Adam's state plus ZeRO's fp32 master partition), from
+    each stage entry's `distributed.per_rank` (`StepEngine.memory`). None when no stage trained."""
+    held = [rank for s in stages for rank in s.get("distributed", {}).get("per_rank", [])]
+    if not held:
+        return None
+    return {"parameters": max(r["parameter_bytes"] for r in held),
+            "gradients": max(r["gradient_bytes"] or 0 for r in held),
+            "optimizer": max(r["optimizer_state_bytes"] + r["master_weight_bytes"] for r in held)}
 
 
 def _held(param: nn.Parameter) -> torch.Tensor:
