@@ -148,6 +148,37 @@ def test_four_bit_keeps_the_unquantised_weights_in_the_checkpoint_dtype(name):
     assert {p.dtype for p in policy.trainable_parameters()} == {torch.float32}
 
 
+def test_four_bit_gradients_after_an_eval_pass_equal_those_before(name):
+    """bitsandbytes repacks 4-bit weights for an inference kernel on the first eval-mode forward without
+    gradients (on CPUs with AVX512-BF16) and never undoes it; LoRA gradients backpropagated through the
+    repacked weights differed by 114% (relative norm). Every stage that evaluates or rolls out before
+    it trains (DPO after SFT's evaluation, PPO, GRPO) depends on this equality."""
+    torch.manual_seed(0)
+    policy = load(name, "4bit")
+    policy.add_adapter("policy", LoraSpec(r=4))
+    with torch.no_grad():
+        for key, param in policy.model.named_parameters():
+            if "lora_B" in key:
+                param.add_(0.05 * torch.randn_like(param))
+    batch = make_batch(policy)
+
+    def lora_gradients():
+        policy.model.train()
+        policy.model.zero_grad(set_to_none=True)
+        (-policy.completion_logprobs(batch)[1].sum()).backward()
+        return [p.grad.clone() for p in policy.trainable_parameters()]
+
+    before = lora_gradients()
+    policy.model.eval()
+    with torch.no_grad():
+        policy.completion_logprobs(batch)
+        policy.generate(make_batch(policy, with_answer=False, padding_side="left"), max_new_tokens=2)
+    after = lora_gradients()
+    assert len(before) == len(after) > 0
+    for a, b in zip(before, after, strict=True):
+        torch.testing.assert_close(b, a, atol=0, rtol=0)
+
+
 def test_eight_bit_refused_for_mllama():
     with pytest.raises(ValueError, match="8-bit"):
         load("tiny-mllama", "8bit")
