@@ -31,6 +31,8 @@ METRICS = {  # the figures each recipe's bars are about, per stage type
     "dpo": ("preference_accuracy", "exact_match", "mean_answer_words"),
     "reward": ("pairwise_accuracy", "reward_std"),
     "ppo": ("mean_reward_before", "mean_reward_after", "kl", "exact_match", "exact_match_before", "mean_answer_words"),
+    "grpo": ("mean_reward_before", "mean_reward_after", "kl", "exact_match", "exact_match_before", "mean_answer_words",
+             "mean_answer_words_before"),
 }
 
 
