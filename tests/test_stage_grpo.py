@@ -173,7 +173,7 @@ def test_dynamic_sampling_replaces_groups_whose_rewards_are_all_equal(tmp_path, 
     stream = ExampleStream(stage.train_examples, 2, seed=0)
     rollout = stage.make_rollout(stream, iteration=0)
     assert rollout.size == 6 and stream.position == 3  # three rounds drawn, one rollout kept
-    assert stage.rollout_stats["informative_groups"] == 0.0
+    assert stage.rollout_stats["informative_groups"] == 0.0 and stage.rollout_stats["sampling_rounds"] == 3
     assert torch.all(rollout.group_advantages == 0)
 
 
@@ -236,20 +236,28 @@ def test_config_checks():
         recipe_from_dict({"stages": [{"type": "grpo", "advantage": "rloo", "num_generations": 1}]})
 
 
-def test_two_process_grpo_finishes(tmp_path):
-    """SFT -> GRPO under `accelerate launch` with 2 gloo processes (DDP)."""
-    out = tmp_path / "ddp"
+@pytest.mark.parametrize("config", ["ddp_cpu.yaml", "deepspeed_zero3_cpu.yaml"])
+def test_two_process_grpo_finishes(tmp_path, config):
+    """SFT -> GRPO under `accelerate launch` with 2 gloo processes, DDP and ZeRO-3, dynamic sampling on:
+    processes whose groups differ keep sampling rounds together (under ZeRO-3 every generation step
+    gathers parameters with all processes, so a process sampling alone would hang)."""
+    out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for key in [k for k in env if k.startswith("ACCELERATE_")] + ["WORLD_SIZE"]:
+        env.pop(key, None)  # what an earlier test's Accelerator left in this process's environment
     small = ["model.quantization=none", "data.num_covers=60", "data.max_eval_examples=4"]
     for i in range(2):
         small += [f"stages.{i}.batch_size=2", f"stages.{i}.eval_examples=4", f"stages.{i}.eval_batch_size=8",
                   f"stages.{i}.max_new_tokens=4", f"stages.{i}.warmup_steps=0", f"stages.{i}.max_steps=2"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "launch/accelerate/ddp_cpu.yaml"), str(ROOT / "launch/run.py"),
-           str(ROOT / "recipes/grpo_bookcover.yaml"), f"output_dir={out}", *small]
+           str(ROOT / "launch/accelerate" / config), str(ROOT / "launch/run.py"),
+           str(ROOT / "recipes/grpo_bookcover.yaml"), f"output_dir={out}", *small,
+           "stages.1.dynamic_sampling=true", "stages.1.max_sampling_rounds=3", "stages.1.num_generations=4"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     grpo = report["stages"][1]
     assert grpo["type"] == "grpo" and grpo["steps"] == 2 and report["distributed"]["world_size"] == 2
     assert "reward/exact_match" in grpo["history"][-1]
+    assert report["distributed"]["engine"] == ("ddp" if config.startswith("ddp") else "deepspeed")
+    assert all(h["sampling_rounds"] >= 1 for h in grpo["history"])

@@ -139,12 +139,18 @@ class GRPOStage(OnlineStage):
                     varied_groups += int(varied.sum())
                     for group, keep in enumerate(varied.tolist()):
                         (informative if keep or not cfg.dynamic_sampling else flat).append((part, group))
-                if not cfg.dynamic_sampling or len(informative) >= wanted or rounds >= cfg.max_sampling_rounds:
+                if not cfg.dynamic_sampling or rounds >= cfg.max_sampling_rounds:
+                    break
+                # Every process samples as many rounds as the one that needs most: under ZeRO-3 each
+                # generation step gathers parameters with all processes.
+                short = torch.tensor(float(len(informative) < wanted))
+                if _all_sum(short, ctx).item() == 0:
                     break
         chosen = (informative + flat)[:wanted]  # flat groups only fill what the rounds could not
         rollout = cat_rollouts([part.select(_group_rows(group, cfg.num_generations)) for part, group in chosen],
                                self.policy.processor.tokenizer.pad_token_id)
-        self.rollout_stats = self._rollout_stats(rollout, all_terms, varied_groups, sampled_groups)
+        self.rollout_stats = {**self._rollout_stats(rollout, all_terms, varied_groups, sampled_groups),
+                              "sampling_rounds": float(rounds)}
         return rollout
 
     def _rollout_stats(self, rollout: Rollout, terms: list[dict], informative: int, sampled: int) -> dict[str, float]:
