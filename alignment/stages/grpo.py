@@ -154,8 +154,9 @@ class GRPOStage(OnlineStage):
         return rollout
 
     def _rollout_stats(self, rollout: Rollout, terms: list[dict], informative: int, sampled: int) -> dict[str, float]:
-        """Means over all processes: reward (`score`), each term, answer length, the share of sampled
-        groups whose rewards differ, the share of answers cut off, KL to the reference when computed."""
+        """Means over all processes: reward (`score`, `score_std`), each term's mean and std over every
+        sampled answer, answer length (tokens), the share of sampled groups whose rewards differ
+        (`informative_groups`), and the KL to the reference when both log-probs were computed."""
         mask = rollout.response_mask
         names = list(terms[0])
         term_sums = [torch.cat([t[name] for t in terms]) for name in names]
