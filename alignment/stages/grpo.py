@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from alignment.evaluate import answer_metrics
-from alignment.losses import gather_logprobs, group_advantages, grpo_loss_sum, masked_sum
+from alignment.losses import group_advantages, grpo_loss_sum, masked_sum
 from alignment.policy import PIXEL_KEYS
 from alignment.rewards import REWARD_MODEL, call_reward, resolve
 from alignment.stages.base import _all_sum
@@ -218,11 +218,8 @@ class GRPOStage(OnlineStage):
 
     def train_step(self, batch: Rollout):
         cfg = self.config
-        inputs, mask = batch.model_batch(), batch.response_mask
-        with self.role("actor") as actor:
-            logits = actor.forward(inputs, self._features("actor", inputs, batch.image_features, grad=True)).logits
-        logits = logits[:, :-1].float() / cfg.temperature
-        logprobs = gather_logprobs(logits, inputs["labels"][:, 1:].clamp(min=0))  # answer tokens only
+        mask = batch.response_mask
+        _, _, logprobs = self._update_logprobs(batch)
         old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
         loss_sum, normaliser, stats = grpo_loss_sum(
             logprobs, old, batch.group_advantages, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high,

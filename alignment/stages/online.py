@@ -124,6 +124,17 @@ class OnlineStage(Stage):
         logprobs = gather_logprobs(logits, targets.clamp(min=0))
         return torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs)), mask
 
+    def _update_logprobs(self, batch) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """An update's actor forward over a rollout micro-batch, with gradient: `(model batch, logits
+        [B, T-1, V] / temperature (float32), log-probs [B, T-1] of the next tokens)`; the image
+        features are the rollout's unless the actor's adapter touches the vision tower."""
+        inputs = batch.model_batch()
+        with self.role("actor") as actor:
+            logits = actor.forward(inputs, self._features("actor", inputs, batch.image_features, grad=True)).logits
+        logits = logits[:, :-1].float() / self.config.temperature
+        # gathered at the answer tokens only: prompt ids may lie past the output head (<|image|> = 128256)
+        return inputs, logits, gather_logprobs(logits, inputs["labels"][:, 1:].clamp(min=0))
+
     def _answer_batch(self, prompts: dict, tokens: torch.Tensor) -> dict:
         """Prompt batch (left-padded) + generated tokens [B, L] -> a model batch over prompt + answer,
         labels on the answer up to and including its stop token; `truncated [B]` marks rows without one."""

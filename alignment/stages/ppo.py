@@ -29,7 +29,6 @@ from alignment.losses import (
     FixedKLController,
     entropy_from_logits,
     gae_advantages,
-    gather_logprobs,
     kl_penalized_rewards,
     masked_mean,
     masked_sum,
@@ -192,11 +191,8 @@ class PPOStage(OnlineStage):
 
     def train_step(self, batch: Rollout):
         cfg = self.config
-        inputs, mask = batch.model_batch(), batch.response_mask
-        with self.role("actor") as actor:
-            logits = actor.forward(inputs, self._features("actor", inputs, batch.image_features, grad=True)).logits
-        logits = logits[:, :-1].float() / cfg.temperature
-        logprobs = gather_logprobs(logits, inputs["labels"][:, 1:].clamp(min=0))  # answer tokens only (see above)
+        mask = batch.response_mask
+        inputs, logits, logprobs = self._update_logprobs(batch)
         policy_sum, clipped, approx_kl_sum, tokens = ppo_policy_loss_sum(
             logprobs, batch.old_logprobs, batch.advantages, mask, cfg.clip_range)
         with self.role("critic") as critic:
