@@ -489,7 +489,7 @@ class MultimodalPolicy(nn.Module):
         temperature: float = 0.0,
         top_p: float = 1.0,
         image_features: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         num_samples: int = 1,
     ) -> torch.Tensor:
         """Sample completions for left-padded prompts with a KV cache; images encoded once.
@@ -497,7 +497,9 @@ class MultimodalPolicy(nn.Module):
         With `num_samples` G > 1, each prompt is prefilled once and its KV cache (image
         cross-attention states included) serves G samples: rows p*G .. p*G + G-1 continue prompt p.
         Returns new tokens `[B*G, L]` (L <= max_new_tokens); after a row's <|eot_id|> (or other stop
-        token) it holds the pad id. temperature 0 is greedy.
+        token) it holds the pad id. temperature 0 is greedy. `generator`: one for the whole batch, or a
+        list of B*G, one per answer row (each row's sample then depends only on its own generator and
+        logits, not on which other rows share the batch).
         """
         tokenizer = self.processor.tokenizer
         stop_ids = torch.tensor(sorted(self._stop_token_ids()), device=self.device)
@@ -519,6 +521,8 @@ class MultimodalPolicy(nn.Module):
                                                     for x in (logits, attention_mask, position_ids))
             cross_mask = None if cross_mask is None else cross_mask.repeat_interleave(num_samples, dim=0)
         finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=self.device)
+        if isinstance(generator, (list, tuple)) and len(generator) != logits.shape[0]:
+            raise ValueError(f"generate: {len(generator)} row generators for {logits.shape[0]} answer rows")
         new_tokens = []
         never = self._unsampled_token_ids(logits.shape[-1])
         for _ in range(max_new_tokens):
@@ -591,7 +595,9 @@ def _all_finished(finished: torch.Tensor, synced: bool) -> bool:
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]: greedy at temperature 0, else nucleus sampling."""
+    """logits [B, V] -> token ids [B]: greedy at temperature 0, else nucleus sampling. `generator`: one
+    torch.Generator (or None) for the batch, or a list of B, one per row (inverse-CDF sampling with one
+    uniform draw per row from the row's own generator)."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -600,7 +606,12 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
         keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if not isinstance(generator, (list, tuple)):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    uniforms = torch.stack([torch.rand((), generator=g, device=g.device, dtype=torch.float64) for g in generator])
+    cdf = probs.double().cumsum(-1)
+    targets = (uniforms.to(cdf.device) * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, targets, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
 def _saved_peft_method(folder: Path, config) -> str:

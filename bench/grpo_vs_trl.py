@@ -136,9 +136,12 @@ class PlannedStream:
 
     def __init__(self):
         self.batches: list[list[dict]] = []
+        self.drawn = 0
 
-    def next_batch(self) -> list[dict]:
-        return self.batches.pop(0)
+    def next_numbered_batch(self) -> tuple[list[dict], list[int]]:
+        batch = self.batches.pop(0)
+        self.drawn += len(batch)
+        return batch, list(range(self.drawn - len(batch), self.drawn))
 
 
 # ----------------------------------------------------------------------------- the two sides

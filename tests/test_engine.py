@@ -146,16 +146,19 @@ def test_dpo_recipe_on_two_processes_trains_as_one(tmp_path, config):
 @pytest.mark.parametrize("config", ["launch/accelerate/ddp_cpu.yaml", "launch/accelerate/deepspeed_zero2_cpu.yaml",
                                     "launch/accelerate/deepspeed_zero3_cpu.yaml"])
 def test_reward_and_ppo_on_two_processes(tmp_path, config):
-    """SFT, reward model, PPO (actor and critic backward separately) on 2 processes: SFT and the
-    reward model train as one process with twice the batch; PPO's rollouts are sampled per rank, so
-    it is checked to finish with finite losses on both ranks' data."""
+    """SFT, reward model, PPO (actor and critic backward separately) on 2 processes train as one process
+    with twice the batch: each answer's sampling is seeded by its example's draw number, advantages are
+    whitened over both processes' tokens. With one minibatch per rollout (as here) the update sees the
+    same rows; with several, each process shuffles its own rollout into its share of each minibatch."""
     one_update = ["stages.2.ppo_epochs=1", "stages.2.num_minibatches=1"]
     one = launch("launch/accelerate/cpu.yaml", tmp_path / "one", "ppo_bookcover.yaml", 8, one_update)
     two = launch(config, tmp_path / "two", "ppo_bookcover.yaml", 4, one_update)
-    a, b = curves(one), curves(two)
-    for name in ("sft", "reward"):
-        torch.testing.assert_close(torch.tensor(b[name]), torch.tensor(a[name]), atol=1e-4, rtol=1e-5)
-    assert len(b["ppo"]) == 2 and all(torch.isfinite(torch.tensor(v)).all() for v in b["ppo"])
+    assert_same_training(one, two, tmp_path / "one", tmp_path / "two")
+    ppo = [s for s in two["stages"] if s["name"] == "ppo"][0]
+    first = [h for h in ppo["history"] if "loss" in h][0]
+    alone = [h for h in [s for s in one["stages"] if s["name"] == "ppo"][0]["history"] if "loss" in h][0]
+    for key in ("score", "score_std", "kl", "response_length", "reward_total"):  # the same rollout was sampled
+        assert abs(first[key] - alone[key]) <= 1e-4 * max(1.0, abs(alone[key])), (key, first[key], alone[key])
     assert two["distributed"]["world_size"] == 2
 
 

@@ -315,3 +315,37 @@ def test_synced_generation_steps_on_until_every_process_has_stopped(monkeypatch)
     tokens = policy.generate(prompts, max_new_tokens=8)
     assert tokens.shape[1] == 4
     assert (tokens[:, 1:] == policy.processor.tokenizer.pad_token_id).all()
+
+
+def test_row_generators_make_each_answer_independent_of_its_batch(name):
+    """With one generator per row, a prompt's sampled answer is the same alone or beside another prompt
+    (what lets 2 processes sample what 1 process with twice the batch samples)."""
+    policy = load(name)  # temperature 4: the random tiny heads are peaked (top token 0.62 / 0.99)
+    both = make_batch(policy, with_answer=False, padding_side="left")
+    alone = make_batch(policy, answers=("Maria Lopez",), with_answer=False, padding_side="left")
+
+    def generators(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    together = policy.generate(both, max_new_tokens=6, temperature=4.0, generator=generators(5, 9))
+    first = policy.generate(alone, max_new_tokens=6, temperature=4.0, generator=generators(5))
+    length = first.shape[1]
+    assert together[0, :length].tolist() == first[0].tolist()
+    assert (together[0, length:] == policy.processor.tokenizer.pad_token_id).all()
+    other = policy.generate(alone, max_new_tokens=6, temperature=4.0, generator=generators(6))
+    assert other[0].tolist() != first[0].tolist()  # the seed, not the batch, decides
+    with pytest.raises(ValueError, match="3 row generators for 2 answer rows"):
+        policy.generate(both, max_new_tokens=2, temperature=1.0, generator=generators(1, 2, 3))
+
+
+def test_row_generator_sampling_follows_the_nucleus_distribution():
+    from alignment.policy import _sample
+
+    probs = torch.tensor([0.2, 0.5, 0.3, 0.0])
+    logits = probs.log().expand(6000, 4)
+    rows = [torch.Generator().manual_seed(i) for i in range(6000)]
+    counts = torch.bincount(_sample(logits, 1.0, 1.0, rows), minlength=4) / 6000
+    torch.testing.assert_close(counts, probs, atol=0.025, rtol=0)
+    rows = [torch.Generator().manual_seed(i) for i in range(6000)]
+    counts = torch.bincount(_sample(logits, 1.0, 0.6, rows), minlength=4) / 6000  # nucleus: 0.5 and 0.3
+    torch.testing.assert_close(counts, torch.tensor([0.0, 0.625, 0.375, 0.0]), atol=0.025, rtol=0)

@@ -78,7 +78,7 @@ def test_one_rollout_encodes_each_image_once_and_scores_groups(tmp_path, prompts
     stage.setup(None)
     stream = ExampleStream(stage.train_examples, 2, seed=0)
     seen, handle = count_vision_calls(policy)
-    rollout = stage.make_rollout(stream, iteration=0)
+    rollout = stage.make_rollout(stream)
     assert len(seen) == 1  # one vision pass for 2 prompts x 3 answers (sampling and every scoring pass)
     assert rollout.size == 6 and rollout.image_features.shape[0] == 2
     assert rollout.image_index.tolist() == [0, 0, 0, 1, 1, 1]
@@ -145,7 +145,7 @@ def test_stage_runs_logs_and_reports(tmp_path, prompts, adapters):
 def test_two_updates_per_rollout_keep_old_logprobs_and_the_reference_when_kl_is_on(tmp_path, prompts, adapters):
     stage, _ = make_stage(tmp_path, prompts, adapters, kl_beta=0.1, importance_sampling="sequence")
     stage.setup(None)
-    rollout = stage.make_rollout(ExampleStream(stage.train_examples, 2, seed=0), iteration=0)
+    rollout = stage.make_rollout(ExampleStream(stage.train_examples, 2, seed=0))
     assert rollout.old_logprobs is not None and rollout.ref_logprobs is not None
     # actor == reference at the start: the sampled KL is 0
     torch.testing.assert_close(rollout.old_logprobs, rollout.ref_logprobs, atol=1e-5, rtol=0)
@@ -171,7 +171,7 @@ def test_dynamic_sampling_replaces_groups_whose_rewards_are_all_equal(tmp_path, 
                           rewards=[{"name": "tests.test_stage_grpo:constant_reward"}], num_minibatches=1)
     stage.setup(None)
     stream = ExampleStream(stage.train_examples, 2, seed=0)
-    rollout = stage.make_rollout(stream, iteration=0)
+    rollout = stage.make_rollout(stream)
     assert rollout.size == 6 and stream.position == 3  # three rounds drawn, one rollout kept
     assert stage.rollout_stats["informative_groups"] == 0.0 and stage.rollout_stats["sampling_rounds"] == 3
     assert torch.all(rollout.group_advantages == 0)
@@ -204,7 +204,7 @@ def test_reward_model_term_scores_with_the_reward_adapter(tmp_path, prompts, ada
                                rewards=[{"name": "reward_model"}], num_minibatches=1)
     stage.setup(None)
     assert "reward" in policy.adapters and stage.models["reward"] is policy
-    rollout = stage.make_rollout(ExampleStream(stage.train_examples, 2, seed=0), iteration=0)
+    rollout = stage.make_rollout(ExampleStream(stage.train_examples, 2, seed=0))
     assert rollout.scores.std() > 0  # real scores, not a constant
     assert stage.rollout_stats["reward/reward_model"] == pytest.approx(rollout.scores.mean().item(), abs=1e-5)
 

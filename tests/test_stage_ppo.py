@@ -51,6 +51,23 @@ def make_stage(out, prompts, adapters, resume=False, policy=None, **overrides):
     return PPOStage(recipe.stages[0], policy, ctx, *prompts), policy
 
 
+def test_each_answer_is_sampled_from_its_own_draw_whatever_shares_its_batch(tmp_path, prompts, adapters):
+    """A rollout of 4 prompts samples the answers of two rollouts of 2 (what 2 processes sample), by
+    draw number: the basis of 2-process PPO training as 1 process with twice the batch."""
+    stage, _ = make_stage(tmp_path, prompts, adapters, temperature=3.0)  # flatter than the tiny heads
+    stage.setup(None)
+    examples = stage.train_examples[:4]
+
+    def answers(rollout):
+        return [row[mask.bool()].tolist() for row, mask in zip(rollout.input_ids[:, 1:], rollout.response_mask)]
+
+    whole = answers(stage.make_rollout(examples, iteration=0, draws=[10, 11, 12, 13]))
+    halves = (answers(stage.make_rollout(examples[:2], iteration=0, draws=[10, 11]))
+              + answers(stage.make_rollout(examples[2:], iteration=0, draws=[12, 13])))
+    assert whole == halves
+    assert answers(stage.make_rollout(examples, iteration=0, draws=[20, 21, 22, 23])) != whole
+
+
 def count_images_encoded(policy):
     seen = []
     vision = policy.base_model.model.vision_model

@@ -33,6 +33,19 @@ def test_stream_two_ranks_cover_what_one_rank_with_twice_the_batch_covers():
         assert one.next_batch() == ranks[0].next_batch() + ranks[1].next_batch()
 
 
+def test_stream_draw_numbers_are_unique_and_the_same_on_any_number_of_processes():
+    examples = list(range(40))
+    one = ExampleStream(examples, 8, seed=3)
+    ranks = [ExampleStream(examples, 4, seed=3, rank=r, world_size=2) for r in range(2)]
+    seen = []
+    for _ in range(12):  # 2.4 epochs: examples come back, draw numbers do not
+        batch, draws = one.next_numbered_batch()
+        split = [ranks[r].next_numbered_batch() for r in range(2)]
+        assert draws == split[0][1] + split[1][1] and batch == split[0][0] + split[1][0]
+        seen += draws
+    assert len(set(seen)) == len(seen) == 96 and len(set(x for x in seen)) > len(examples)
+
+
 def test_stream_resume_sees_each_example_as_often():
     examples = list(range(30))
     full = ExampleStream(examples, 4, seed=1)

@@ -282,7 +282,8 @@ class Stage:
         engine_norm = engine.step()
         grad_norm = engine_norm if grad_norm is None else grad_norm
         self.nonfinite_steps = 0
-        return {"loss": loss, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"], **sums, "ids": ids}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"],
+                **_mean_over_processes(sums, ctx), "ids": ids}
 
     # ---- checkpoints -----------------------------------------------------------
     def _trained_adapters(self) -> list[tuple[object, str]]:
@@ -446,6 +447,16 @@ def _all_sum(value: torch.Tensor, ctx: RunContext) -> torch.Tensor:
     if ctx.world_size == 1:
         return value
     return ctx.accelerator.reduce(value.to(ctx.accelerator.device).float().clone(), reduction="sum").cpu()
+
+
+def _mean_over_processes(metrics: dict, ctx: RunContext) -> dict:
+    """A step's logged metrics (each process's means over its micro-batches) averaged over processes,
+    so the log is not rank 0's share alone. Every process has the same keys (the same `train_step`)."""
+    keys = [k for k in sorted(metrics) if isinstance(metrics[k], (int, float))]
+    if ctx.world_size == 1 or not keys:
+        return metrics
+    totals = _all_sum(torch.tensor([float(metrics[k]) for k in keys]), ctx)
+    return {**metrics, **{k: v / ctx.world_size for k, v in zip(keys, totals.tolist())}}
 
 
 def _optimizer_file(engine: StepEngine, rank: int) -> str:

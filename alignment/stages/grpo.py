@@ -77,7 +77,8 @@ class GRPOStage(OnlineStage):
 
     # ---- rollouts --------------------------------------------------------------
     @torch.no_grad()
-    def _sample_groups(self, examples: list[dict], prompts: dict, generator: torch.Generator) -> tuple[Rollout, dict]:
+    def _sample_groups(self, examples: list[dict], prompts: dict,
+                       generator: list[torch.Generator]) -> tuple[Rollout, dict]:
         """G answers to each of `prompts` (P rows) from one prefill per prompt; returns the rollout
         (P*G rows, row p*G + g answers prompt p, `image_index` p) and each reward term's values."""
         cfg = self.config
@@ -113,23 +114,26 @@ class GRPOStage(OnlineStage):
         )
         return rollout, terms
 
-    def make_rollout(self, stream, iteration: int) -> Rollout:
+    def make_rollout(self, stream) -> Rollout:
         """Sample, score and compute the group advantages of one rollout (this process's prompts);
         with `dynamic_sampling`, groups whose rewards are all equal give way to groups of new prompts."""
         cfg, ctx = self.config, self.ctx
-        device = self.policy.device
-        generator = torch.Generator(device=device).manual_seed((ctx.seed * 1_000_003 + iteration) * 1009 + ctx.rank)
         wanted = cfg.batch_size * cfg.grad_accum * cfg.num_minibatches
         chunk = max(1, cfg.eval_batch_size // cfg.num_generations)
         informative, flat, all_terms, sampled_groups, varied_groups, rounds = [], [], [], 0, 0, 0
         with self._eval_mode(), ctx.accelerator.autocast():
             while True:
                 rounds += 1
-                examples = [e for _ in range(cfg.grad_accum * cfg.num_minibatches) for e in stream.next_batch()]
+                examples, draws = [], []
+                for _ in range(cfg.grad_accum * cfg.num_minibatches):
+                    batch, numbers = stream.next_numbered_batch()
+                    examples += batch
+                    draws += numbers
                 prompts = self.collate(examples)
                 for start in range(0, len(examples), chunk):
+                    generators = self.sampling_generators(draws[start:start + chunk], cfg.num_generations)
                     part, terms = self._sample_groups(examples[start:start + chunk],
-                                                      rows_of(prompts, start, start + chunk), generator)
+                                                      rows_of(prompts, start, start + chunk), generators)
                     rewards = part.scores.view(-1, cfg.num_generations)
                     part.group_advantages = group_advantages(rewards.double(), cfg.advantage).flatten().float()
                     varied = rewards.std(dim=1, unbiased=False) > 0 if cfg.num_generations > 1 else \
@@ -191,7 +195,7 @@ class GRPOStage(OnlineStage):
         cfg = self.config
         if self.remaining == 0:
             self.remaining = cfg.steps_per_iteration
-            rollout = self.make_rollout(stream, self.iteration)
+            rollout = self.make_rollout(stream)
             order = torch.Generator().manual_seed(self.ctx.seed * 7919 + self.iteration)
             self.iteration += 1
             prompts = rollout.size // cfg.num_generations

@@ -158,10 +158,19 @@ class OnlineStage(Stage):
         return batch
 
     # ---- rollouts --------------------------------------------------------------
+    def sampling_generators(self, draws: list[int], per_draw: int = 1) -> list[torch.Generator]:
+        """One generator per answer row, row d * per_draw + g answering the example of draw number
+        draws[d] (`ExampleStream`): seeded by the run's seed, the draw number and g only, so an answer
+        is the same whichever process samples it and whatever else shares its batch."""
+        device, seed = self.policy.device, self.ctx.seed
+        return [torch.Generator(device=device).manual_seed((seed * 1_000_003 + draw) * 1009 + g)
+                for draw in draws for g in range(per_draw)]
+
     @torch.no_grad()
-    def _sample_answers(self, prompts: dict, generator: torch.Generator):
+    def _sample_answers(self, prompts: dict, generator: torch.Generator | list[torch.Generator]):
         """The actor's sampled answers to `prompts` (temperature, top_p): (answer batch, shared image
-        features or None, the actor's features, actor and reference log-probs `[B, T-1]`, answer mask)."""
+        features or None, the actor's features, actor and reference log-probs `[B, T-1]`, answer mask).
+        `generator`: one for the batch or one per row (`sampling_generators`)."""
         cfg = self.config
         features = self._shared_features(prompts)
         actor_features = self._features("actor", prompts, features)

@@ -100,7 +100,7 @@ class PPOStage(OnlineStage):
 
     # ---- rollouts --------------------------------------------------------------
     @torch.no_grad()
-    def _sample_chunk(self, prompts: dict, generator: torch.Generator) -> Rollout:
+    def _sample_chunk(self, prompts: dict, generator: list[torch.Generator]) -> Rollout:
         """Sample answers for one chunk of prompts and score them (no rewards or advantages yet)."""
         cfg = self.config
         batch, features, actor_features, old_logprobs, ref_logprobs, mask = self._sample_answers(prompts, generator)
@@ -121,15 +121,18 @@ class PPOStage(OnlineStage):
             else None,
         )
 
-    def make_rollout(self, examples: list[dict], iteration: int) -> Rollout:
-        """Sample, score, reward and GAE one rollout of `examples` (this process's share)."""
+    def make_rollout(self, examples: list[dict], iteration: int, draws: list[int] | None = None) -> Rollout:
+        """Sample, score, reward and GAE one rollout of `examples` (this process's share). `draws`: the
+        examples' draw numbers (`ExampleStream.next_numbered_batch`), which seed each answer's sampling;
+        default: numbered from iteration * len(examples)."""
         cfg, ctx = self.config, self.ctx
-        device = self.models["actor"].device
-        generator = torch.Generator(device=device).manual_seed((ctx.seed * 1_000_003 + iteration) * 1009 + ctx.rank)
+        if draws is None:
+            draws = [iteration * len(examples) + i for i in range(len(examples))]
+        generators = self.sampling_generators(draws)
         prompts = self.collate(examples)
         chunk = cfg.eval_batch_size
         with self._eval_mode(), ctx.accelerator.autocast():  # as in the updates, so the first ratio is 1
-            parts = [self._sample_chunk(rows_of(prompts, start, start + chunk), generator)
+            parts = [self._sample_chunk(rows_of(prompts, start, start + chunk), generators[start : start + chunk])
                      for start in range(0, len(examples), chunk)]
         rollout = cat_rollouts(parts, self.policy.processor.tokenizer.pad_token_id)
         mask = rollout.response_mask
@@ -171,8 +174,12 @@ class PPOStage(OnlineStage):
             self.remaining = cfg.steps_per_iteration
             prompt_batches = cfg.grad_accum * cfg.num_minibatches
             iteration = stream.position // prompt_batches
-            examples = [e for _ in range(prompt_batches) for e in stream.next_batch()]
-            rollout = self.make_rollout(examples, iteration)
+            examples, draws = [], []
+            for _ in range(prompt_batches):
+                batch, numbers = stream.next_numbered_batch()
+                examples += batch
+                draws += numbers
+            rollout = self.make_rollout(examples, iteration, draws)
             order = torch.Generator().manual_seed(self.ctx.seed * 7919 + iteration)
             rows_per_minibatch = cfg.batch_size * cfg.grad_accum
             for _ in range(cfg.ppo_epochs):

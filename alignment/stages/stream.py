@@ -2,7 +2,9 @@
 
 Micro-batch g of the whole run covers, in epoch e's seeded permutation, the slots of global batch
 g * world_size + rank. Its position is one integer, so a resumed run sees every example exactly as
-often as an uninterrupted one.
+often as an uninterrupted one. Each example drawn has a draw number (epoch * len(examples) + its slot in
+that epoch's permutation) that is the same whatever the number of processes: online stages seed each
+example's sampling with it, so 2 processes sample what 1 process with twice the batch samples.
 """
 
 from __future__ import annotations
@@ -33,11 +35,16 @@ class ExampleStream:
         return self._order[1]
 
     def next_batch(self) -> list:
+        return self.next_numbered_batch()[0]
+
+    def next_numbered_batch(self) -> tuple[list, list[int]]:
+        """This process's next micro-batch: (examples, their draw numbers)."""
         epoch, within = divmod(self.position, self.batches_per_epoch)
         start = (within * self.world_size + self.rank) * self.batch_size
         indices = self._permutation(epoch)[start : start + self.batch_size]
         self.position += 1
-        return [self.examples[i] for i in indices]
+        draws = [epoch * len(self.examples) + start + i for i in range(len(indices))]
+        return [self.examples[i] for i in indices], draws
 
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.seed, "batch_size": self.batch_size,
