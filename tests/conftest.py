@@ -28,3 +28,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """The online stages' prompts (PPO, GRPO): (train, eval) SFT examples of 60 synthetic covers."""
+    from alignment.data import build_datasets
+
+    train, evaluation, _ = build_datasets(num_covers=60, seed=0, task="sft", max_eval_samples=4)
+    return train, evaluation
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """An "SFT" policy adapter and a "reward" adapter + head on tiny-mllama, perturbed so neither is a no-op."""
+    from tests._adapters import save_perturbed_adapters
+
+    return save_perturbed_adapters(tmp_path_factory.mktemp("adapters"))

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from alignment.config import ConfigError
-from alignment.data import build_datasets
 from alignment.losses import group_advantages
 from alignment.policy import MultimodalPolicy
 from alignment.recipe import make_accelerator, recipe_from_dict
@@ -39,17 +38,6 @@ def constant_reward(examples, completions):
 
 def wrong_length_reward(examples, completions):
     return [1.0]
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    train, evaluation, _ = build_datasets(num_covers=60, seed=0, task="sft", max_eval_samples=4)
-    return train, evaluation
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
-    return save_perturbed_adapters(tmp_path_factory.mktemp("adapters"))
 
 
 def make_stage(out, prompts, adapters, resume=False, model="tiny-mllama", **overrides):

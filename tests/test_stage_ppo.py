@@ -10,11 +10,9 @@ import pytest
 import torch
 
 from alignment.config import ConfigError
-from alignment.data import build_datasets
 from alignment.policy import LoraSpec, MultimodalPolicy
 from alignment.recipe import make_accelerator, recipe_from_dict
 from alignment.stages import PPOStage, RunContext
-from tests._adapters import save_perturbed_adapters
 from tests._online import check_kill_mid_rollout_then_resume
 from tests._recipes import build, tiny_recipe
 
@@ -25,18 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thr
 
 LOGGED = ("score", "kl", "kl_coef", "entropy", "clipfrac", "value_clipfrac", "approx_kl", "policy_loss",
           "value_loss", "explained_variance", "response_length")
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    train, evaluation, _ = build_datasets(num_covers=60, seed=0, task="sft", max_eval_samples=4)
-    return train, evaluation
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
-    """An "SFT" policy adapter and a "reward" adapter + head, perturbed so neither is a no-op."""
-    return save_perturbed_adapters(tmp_path_factory.mktemp("adapters"))
 
 
 def make_stage(out, prompts, adapters, resume=False, policy=None, **overrides):
