@@ -138,8 +138,8 @@ class PlannedStream:
         self.batches: list[list[dict]] = []
         self.drawn = 0
 
-    def next_numbered_batch(self) -> tuple[list[dict], list[int]]:
-        batch = self.batches.pop(0)
+    def next_numbered_batches(self, count: int) -> tuple[list[dict], list[int]]:
+        batch = [e for _ in range(count) for e in self.batches.pop(0)]
         self.drawn += len(batch)
         return batch, list(range(self.drawn - len(batch), self.drawn))
 

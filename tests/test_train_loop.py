@@ -44,6 +44,9 @@ def test_stream_draw_numbers_are_unique_and_the_same_on_any_number_of_processes(
         assert draws == split[0][1] + split[1][1] and batch == split[0][0] + split[1][0]
         seen += draws
     assert len(set(seen)) == len(seen) == 96 and len(set(x for x in seen)) > len(examples)
+    joined, single = ExampleStream(examples, 8, seed=3), ExampleStream(examples, 8, seed=3)
+    parts = [single.next_numbered_batch() for _ in range(3)]
+    assert joined.next_numbered_batches(3) == ([e for b, _ in parts for e in b], [d for _, n in parts for d in n])
 
 
 def test_stream_resume_sees_each_example_as_often():

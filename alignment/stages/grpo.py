@@ -124,11 +124,7 @@ class GRPOStage(OnlineStage):
         with self._eval_mode(), ctx.accelerator.autocast():
             while True:
                 rounds += 1
-                examples, draws = [], []
-                for _ in range(cfg.grad_accum * cfg.num_minibatches):
-                    batch, numbers = stream.next_numbered_batch()
-                    examples += batch
-                    draws += numbers
+                examples, draws = stream.next_numbered_batches(cfg.grad_accum * cfg.num_minibatches)
                 prompts = self.collate(examples)
                 for start in range(0, len(examples), chunk):
                     generators = self.sampling_generators(draws[start:start + chunk], cfg.num_generations)

@@ -174,11 +174,7 @@ class PPOStage(OnlineStage):
             self.remaining = cfg.steps_per_iteration
             prompt_batches = cfg.grad_accum * cfg.num_minibatches
             iteration = stream.position // prompt_batches
-            examples, draws = [], []
-            for _ in range(prompt_batches):
-                batch, numbers = stream.next_numbered_batch()
-                examples += batch
-                draws += numbers
+            examples, draws = stream.next_numbered_batches(prompt_batches)
             rollout = self.make_rollout(examples, iteration, draws)
             order = torch.Generator().manual_seed(self.ctx.seed * 7919 + iteration)
             rows_per_minibatch = cfg.batch_size * cfg.grad_accum

@@ -46,6 +46,15 @@ class ExampleStream:
         draws = [epoch * len(self.examples) + start + i for i in range(len(indices))]
         return [self.examples[i] for i in indices], draws
 
+    def next_numbered_batches(self, count: int) -> tuple[list, list[int]]:
+        """`count` micro-batches in one list: (examples, their draw numbers)."""
+        examples, draws = [], []
+        for _ in range(count):
+            batch, numbers = self.next_numbered_batch()
+            examples += batch
+            draws += numbers
+        return examples, draws
+
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.seed, "batch_size": self.batch_size,
                 "world_size": self.world_size, "num_examples": len(self.examples)}
