@@ -99,12 +99,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from alignment.config import ConfigError
     from alignment.data.errors import DataValidationError
     from alignment.merge import MergeError
-    from alignment.models.registry import ModelAccessError
+    from alignment.models.registry import ModelAccessError, UnsupportedModelError
     from alignment.stages.base import NonFiniteLossError
     from alignment.stages.checkpoint import CheckpointError
 
     return (ConfigError, DataValidationError, CheckpointError, NonFiniteLossError, MergeError, FileNotFoundError,
-            ModelAccessError)
+            ModelAccessError, UnsupportedModelError)
 
 
 def _guarded(command, args) -> int:
@@ -176,7 +176,8 @@ def load_base(recipe, device=None):
     from alignment.recipe import model_dtype
 
     policy = MultimodalPolicy.from_pretrained(recipe.model.name, quantization=recipe.model.quantization,
-                                              dtype=model_dtype(recipe), trust_remote_code=recipe.model.trust_remote_code)
+                                              dtype=model_dtype(recipe), trust_remote_code=recipe.model.trust_remote_code,
+                                              min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels)
     if recipe.model.quantization == "none":
         policy.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return policy

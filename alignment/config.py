@@ -36,10 +36,17 @@ class ModelConfig:
     dtype: str = "auto"  # compute dtype: auto = bfloat16 on GPU, float32 on CPU
     gradient_checkpointing: bool = False  # trade compute for activation memory
     trust_remote_code: bool = False  # never run a checkpoint's own code unless set
+    min_pixels: int | None = None  # Qwen-VL: each image's resized area at least this (pixels); None: the processor's
+    max_pixels: int | None = None  # Qwen-VL: at most this; image tokens = area / 28**2 (Qwen3-VL: 32**2)
 
     def __post_init__(self):
         _check(self.quantization in QUANTIZATIONS, "model.quantization", f"must be one of {QUANTIZATIONS}")
         _check(self.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
+        for key in ("min_pixels", "max_pixels"):
+            value = getattr(self, key)
+            _check(value is None or (isinstance(value, int) and value > 0), f"model.{key}", "must be a positive integer")
+        _check(self.min_pixels is None or self.max_pixels is None or self.min_pixels <= self.max_pixels,
+               "model.min_pixels", f"must not exceed model.max_pixels ({self.max_pixels})")
 
 
 @dataclass

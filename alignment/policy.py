@@ -33,9 +33,9 @@ from torch import nn
 
 from alignment.losses import sequence_logprobs
 from alignment.models import family_of, load_model, load_processor
+from alignment.models.features import ImageFeatures, repeat_state
 
 PRESETS = ("language", "cross_attention", "vision", "multimodal", "all")
-PIXEL_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
 ADAPTER_FILE = "adapter_model.safetensors"
 REFERENCE = "reference"
 TUNER_KEY = re.compile(r"lora_|ia3_|hada_")
@@ -119,6 +119,8 @@ class MultimodalPolicy(nn.Module):
         dtype: torch.dtype = torch.float32,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
     ) -> MultimodalPolicy:
         """Load base model and processor (tiny name, local folder or hub id); base weights frozen."""
         model = load_model(name_or_path, quantization=quantization, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -131,7 +133,8 @@ class MultimodalPolicy(nn.Module):
         if gradient_checkpointing:
             family_of(model).enable_gradient_checkpointing(model)
         model.config.use_cache = False
-        return cls(model, load_processor(name_or_path, trust_remote_code=trust_remote_code))
+        return cls(model, load_processor(name_or_path, trust_remote_code=trust_remote_code, min_pixels=min_pixels,
+                                         max_pixels=max_pixels))
 
     @property
     def base_model(self) -> nn.Module:
@@ -301,7 +304,7 @@ class MultimodalPolicy(nn.Module):
 
         if name is None:
             return False
-        vision = r"vision_model|vision_tower|multi_modal_projector"
+        vision = self.family.VISION_PATTERN
         for param_name, _ in self.model.named_parameters():
             match = TUNER_PARAM.search(param_name)
             if match and match.group(2) == name and re.search(vision, param_name):
@@ -426,55 +429,85 @@ class MultimodalPolicy(nn.Module):
             self.heads[target].load_state_dict(self.heads[source].state_dict())
 
     # ------------------------------------------------------------------ images
-    def encode_images(self, batch: dict) -> torch.Tensor:
-        """The family's image features for the batch's N images, computed once: Mllama
-        `[N, tiles*patches, hidden]` cross-attention states, LLaVA `[N, patches, hidden]`."""
-        pixels = {k: batch[k] for k in PIXEL_KEYS if k in batch}
-        return self.family.encode_images(self.model, **pixels)
+    def pixel_inputs(self, batch: dict) -> dict:
+        """The batch's pixel tensors for its N images (the family's `PIXEL_KEYS`)."""
+        return {k: batch[k] for k in self.family.PIXEL_KEYS if k in batch}
 
-    # ---------------------------------------------------------------- forwards
-    def _row_features(self, batch: dict, image_features: torch.Tensor | None) -> torch.Tensor:
-        if image_features is None:
-            image_features = self.encode_images(batch)
+    def encode_images(self, batch: dict) -> ImageFeatures:
+        """The batch's N images encoded once, in one vision call (`ImageFeatures`: Mllama
+        `[N, tiles*patches, hidden]` cross-attention states, LLaVA `[N, patches, hidden]`, Qwen merged
+        patches of a different length per image)."""
+        return self.family.encode_images(self.model, **self.pixel_inputs(batch))
+
+    def _features(self, batch: dict, image_features: ImageFeatures | None) -> ImageFeatures | None:
+        """`image_features`, else the batch's images encoded now (None for a batch without images)."""
+        if image_features is not None:
+            return image_features
+        return self.encode_images(batch) if "pixel_values" in batch else None
+
+    def _image_index(self, batch: dict) -> torch.Tensor:
+        """`[B]` or `[B, K]` (-1: empty slot): which images each row shows; row i -> image i by default."""
         index = batch.get("image_index")
         if index is None:
-            index = torch.arange(batch["input_ids"].shape[0], device=image_features.device)
-        return image_features[index.to(image_features.device)]
+            index = torch.arange(batch["input_ids"].shape[0])
+        return index.to(batch["input_ids"].device)
 
-    def forward(self, batch: dict, image_features: torch.Tensor | None = None, hidden: bool = False):
+    # ---------------------------------------------------------------- forwards
+    def forward(self, batch: dict, image_features: ImageFeatures | None = None, hidden: bool = False,
+                logits_at: torch.Tensor | int | None = None):
         """Causal-LM output for the batch's rows; `image_features` from `encode_images` skips the
-        vision tower. With `hidden=True` the output carries `hidden_states` (last one used by heads)."""
-        kwargs = {"cross_attention_mask": batch["cross_attention_mask"]} if "cross_attention_mask" in batch else {}
+        vision tower. With `hidden=True` the output carries `hidden_states` (last one used by heads).
+        `logits_at`: positions `[W]` (or the last n) whose logits are computed; None: every position."""
+        kwargs = {k: batch[k] for k in self.family.TOKEN_KEYS if k in batch}
+        if logits_at is not None:
+            kwargs["logits_to_keep"] = logits_at
         return self.family.forward_with_features(
             self.model,
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            image_features=self._row_features(batch, image_features),
+            features=self._features(batch, image_features),
+            image_index=self._image_index(batch),
             output_hidden_states=hidden,
             use_cache=False,
             **kwargs,
         )
 
-    def completion_logprobs(self, batch: dict, image_features: torch.Tensor | None = None):
+    def windowed_logits(self, batch: dict, image_features: ImageFeatures | None = None):
+        """Logits only where labels count: `(logits [B, W, V] in the model's dtype, labels [B, W], start)`.
+
+        The window is positions `start .. start+W-1` of the rows, the span from the first position whose
+        logits predict a labelled token (`labels[:, t+1] != -100` in some row) to one past the last, so a
+        shifted loss on `(logits, labels)` (`logits[:, :-1]` against `labels[:, 1:]`) counts exactly what
+        it counts on the whole rows. The LM head and its `[B, T, V]` output never run over the prompt
+        (LLaVA's 576 image tokens, Qwen's hundreds)."""
+        labels = batch["labels"]
+        counted = (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()
+        start, end = (int(counted[0]), int(counted[-1]) + 2) if counted.numel() else (0, min(2, labels.shape[1]))
+        positions = torch.arange(start, end, device=labels.device)
+        return self.forward(batch, image_features, logits_at=positions).logits, labels[:, start:end], start
+
+    def completion_logprobs(self, batch: dict, image_features: ImageFeatures | None = None):
         """Log-probs of the labelled (completion) tokens under the active adapter.
 
         Returns `(token_logprobs [B, T-1], seq_logprobs [B], mask [B, T-1])`; position t scores
-        token t+1 given tokens <= t; mask is 1.0 on completion tokens.
+        token t+1 given tokens <= t; mask is 1.0 on completion tokens. Logits are computed over the
+        labelled window only (`windowed_logits`) and upcast one row at a time (`gather_logprobs`).
         """
-        logits = self.forward(batch, image_features).logits.float()
-        labels = batch["labels"]
-        mask = (labels != -100).float()
-        token_logprobs, seq_logprobs = sequence_logprobs(logits, labels.clamp(min=0), mask)
-        return token_logprobs, seq_logprobs, mask[:, 1:]
+        logits, labels, start = self.windowed_logits(batch, image_features)
+        window_mask = (labels != -100).float()
+        window_logprobs, seq_logprobs = sequence_logprobs(logits, labels.clamp(min=0), window_mask)
+        columns = batch["labels"].shape[1] - 1
+        token_logprobs = nn.functional.pad(window_logprobs, (start, columns - start - window_logprobs.shape[1]))
+        return token_logprobs, seq_logprobs, (batch["labels"][:, 1:] != -100).float()
 
-    def head_values(self, batch: dict, head: str, image_features: torch.Tensor | None = None) -> torch.Tensor:
+    def head_values(self, batch: dict, head: str, image_features: ImageFeatures | None = None) -> torch.Tensor:
         """Scalar head `head` on every position's last hidden state: values [B, T] (float32).
 
         Call under `use_adapter(head)` (or another adapter) to choose the LoRA weights under it."""
-        out = self.forward(batch, image_features, hidden=True)
+        out = self.forward(batch, image_features, hidden=True, logits_at=1)  # the LM head: last position only
         return self.heads[head](out.hidden_states[-1].float()).squeeze(-1)
 
-    def sequence_scores(self, batch: dict, head: str, image_features: torch.Tensor | None = None) -> torch.Tensor:
+    def sequence_scores(self, batch: dict, head: str, image_features: ImageFeatures | None = None) -> torch.Tensor:
         """The head's value at each row's last non-padding token: scores [B] (the reward model's output)."""
         values = self.head_values(batch, head, image_features)
         last = batch["attention_mask"].long().cumsum(-1).argmax(-1)
@@ -488,7 +521,7 @@ class MultimodalPolicy(nn.Module):
         max_new_tokens: int = 16,
         temperature: float = 0.0,
         top_p: float = 1.0,
-        image_features: torch.Tensor | None = None,
+        image_features: ImageFeatures | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_samples: int = 1,
     ) -> torch.Tensor:
@@ -504,22 +537,13 @@ class MultimodalPolicy(nn.Module):
         tokenizer = self.processor.tokenizer
         stop_ids = torch.tensor(sorted(self._stop_token_ids()), device=self.device)
         pad_id = tokenizer.pad_token_id
-        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        features = self._row_features(batch, image_features)
-        cross_mask = batch.get("cross_attention_mask")
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        extra = {"cross_attention_mask": cross_mask} if cross_mask is not None else {}
-        out = self.family.forward_with_features(
-            self.model, input_ids=input_ids, attention_mask=attention_mask, image_features=features,
-            position_ids=position_ids, use_cache=True, **extra,
-        )
-        past = out.past_key_values
-        logits = out.logits[:, -1]
+        attention_mask = batch["attention_mask"]
+        logits, state = self.family.prefill(
+            self.model, batch["input_ids"], attention_mask, self._features(batch, image_features),
+            self._image_index(batch), **{k: batch[k] for k in self.family.TOKEN_KEYS if k in batch})
         if num_samples > 1:  # one prefill per prompt, then G rows each
-            past.batch_repeat_interleave(num_samples)
-            logits, attention_mask, position_ids = (x.repeat_interleave(num_samples, dim=0)
-                                                    for x in (logits, attention_mask, position_ids))
-            cross_mask = None if cross_mask is None else cross_mask.repeat_interleave(num_samples, dim=0)
+            state = repeat_state(state, num_samples)
+            logits, attention_mask = (x.repeat_interleave(num_samples, dim=0) for x in (logits, attention_mask))
         finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=self.device)
         if isinstance(generator, (list, tuple)) and len(generator) != logits.shape[0]:
             raise ValueError(f"generate: {len(generator)} row generators for {logits.shape[0]} answer rows")
@@ -535,22 +559,14 @@ class MultimodalPolicy(nn.Module):
             if _all_finished(finished, self.synced_generation):
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
-            position_ids = position_ids[:, -1:] + 1
-            step = {"cross_attention_mask": cross_mask[:, -1:]} if cross_mask is not None else {}
-            out = self.model(
-                input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past, use_cache=True, **step,
-            )
-            past, logits = out.past_key_values, out.logits[:, -1]
+            logits = self.family.decode(self.model, state, token, attention_mask)
         return torch.stack(new_tokens, dim=1)
 
     def _unsampled_token_ids(self, vocab_size: int) -> list[int]:
-        """Ids generation must never emit: the image placeholder (`<|image|>`), where the output head
-        has a row for it (tiny LLaVA does; Llama 3.2 Vision's 128256 lies past its head). A sampled
-        placeholder would make the next forward look for image features that are not there."""
-        config = self.config
-        ids = {getattr(config, "image_token_id", None), getattr(config, "image_token_index", None)}
-        return sorted(i for i in ids if isinstance(i, int) and 0 <= i < vocab_size)
+        """Ids generation must never emit (the family's: image placeholders where the output head has a
+        row for them). A sampled placeholder would make the next forward look for image features that
+        are not there."""
+        return [i for i in self.family.unsampled_token_ids(self.config) if 0 <= i < vocab_size]
 
     synced_generation = False  # ZeRO-3 with several processes: the engine sets it (see `_all_finished`)
 

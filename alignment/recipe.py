@@ -344,6 +344,7 @@ def _run_recipe(recipe: RecipeConfig, dry_run: bool, accelerator) -> dict:
             recipe.model.name, quantization=recipe.model.quantization, dtype=model_dtype(recipe),
             gradient_checkpointing=recipe.model.gradient_checkpointing,
             trust_remote_code=recipe.model.trust_remote_code,
+            min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels,
         )
         return policy.to(accelerator.device) if recipe.model.quantization == "none" else policy
 

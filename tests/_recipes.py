@@ -21,3 +21,25 @@ def tiny_recipe(output_dir, stages=("sft", "dpo"), steps=4, batch_size=4, **top)
 
 def build(raw):
     return recipe_from_dict(raw, "test")
+
+
+def run_every_stage(out, name: str, quantization: str = "none") -> dict:
+    """SFT -> DPO -> reward -> PPO -> GRPO on model `name`, 4 steps each, through `run_recipe`; checks that
+    every stage trained with finite losses and that DPO's loss fell from ln 2. Returns the stages by name."""
+    import math
+
+    from alignment.recipe import run_recipe
+
+    raw = tiny_recipe(out, stages=("sft", "dpo", "reward", "ppo", "grpo"), steps=4, batch_size=4,
+                      model={"name": name, "quantization": quantization})
+    for stage in raw["stages"]:
+        stage["lr"] = 5e-3 if stage["type"] == "dpo" else stage.get("lr", 1e-3)
+    report = run_recipe(build(raw))
+    stages = {s["name"]: s for s in report["stages"]}
+    assert list(stages) == ["sft", "dpo", "reward", "ppo", "grpo"]
+    for stage in stages.values():
+        assert stage["steps"] == 4 and all(math.isfinite(h["loss"]) for h in stage["history"]), stage["name"]
+    dpo = stages["dpo"]["train"]
+    assert abs(dpo["loss_first"] - math.log(2)) < 1e-5 and dpo["loss_last"] < dpo["loss_first"] - 0.02, dpo
+    assert name in str(report["model"])
+    return stages

@@ -141,14 +141,14 @@ def test_visual_adapter_on_llava_replaces_the_projector():
     policy = MultimodalPolicy.from_pretrained("tiny-llava")
     batch = make_batch(policy)
     with torch.no_grad():
-        before = policy.encode_images(batch)
+        before = policy.encode_images(batch).embeds
     targets = policy.add_adapter("policy", LoraSpec(method="bottleneck", preset="language", visual_dim=8))
     assert targets[-1].endswith("multi_modal_projector")
     visual = policy.own["bottleneck"].adapters["policy"]["model__multi_modal_projector"]
     assert isinstance(visual, VisualAdapter)
     assert sum(p.numel() for p in visual.parameters()) == visual_adapter_parameter_count(96, 192, 8) == 3280
     with torch.no_grad():
-        after = policy.encode_images(batch)
+        after = policy.encode_images(batch).embeds
         vision = policy.base_model.model.get_image_features(
             pixel_values=batch["pixel_values"], vision_feature_layer=-2, vision_feature_select_strategy="default")
     assert after.shape == before.shape
@@ -157,7 +157,7 @@ def test_visual_adapter_on_llava_replaces_the_projector():
         raw = policy.base_model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states[-2][:, 1:]
         torch.testing.assert_close(after, visual(raw))
         with policy.reference():
-            torch.testing.assert_close(policy.encode_images(batch), before)
+            torch.testing.assert_close(policy.encode_images(batch).embeds, before)
     del vision
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
     losses = []

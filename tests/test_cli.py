@@ -175,6 +175,22 @@ def test_an_unreachable_hub_model_is_one_error_line(tmp_path, capsys):
     assert "HF_HUB_OFFLINE" in err[0] and "model.name=<local folder>" in err[0]
 
 
+def test_a_model_that_is_not_a_vlm_is_one_error_line(tmp_path, capsys):
+    """A folder holding a text-only Llama: one `error:` line naming its model type and the supported ones."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "text-llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(folder)
+    capsys.readouterr()
+    code = main(["train", "recipes/dpo_bookcover.yaml", f"output_dir={tmp_path / 'out'}", f"model.name={folder}",
+                 "--dry-run"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: model type 'llama' (LlamaConfig) is not a vision-language model")
+    assert all(t in err[0] for t in ("mllama", "llava", "qwen2_5_vl", "qwen3_vl"))
+
+
 @pytest.mark.parametrize("kind, expected", [
     ("GatedRepoError", "is gated on the Hugging Face Hub: accept its licence"),
     ("RepositoryNotFoundError", "is neither a local folder nor a Hub repository"),

@@ -164,3 +164,35 @@ def test_tiny_model_takes_the_batch(processor, examples):
     with torch.no_grad():
         loss = model(**inputs).loss
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen25vl"])
+def test_rows_with_several_images_collate_and_pairs_hold_them_once(name, examples):
+    """A two-image example beside a one-image one: one placeholder per image, image_index [B, 2] with -1
+    on the empty slot, labels exactly the answer; a preference pair's rows share its images."""
+    from alignment.data.prompts import prompt_format
+    from alignment.models import load_processor
+
+    processor = load_processor(name)
+    two = {**examples[0], "images": [examples[0]["image"], examples[1]["image"]]}
+    del two["image"]
+    batch = collate_sft([two, examples[2]], processor)
+    assert batch["image_index"].tolist() == [[0, 1], [2, -1]]
+    fmt = prompt_format(processor)
+    answer = processor.tokenizer(fmt.completion(two["answer"]), add_special_tokens=False)["input_ids"]
+    labelled = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert labelled == answer
+    pairs = make_preference_pairs([two, examples[2]], seed=0)
+    prefs = collate_preference(pairs, processor)
+    n = prefs["num_pairs"]
+    assert torch.equal(prefs["image_index"][:n], prefs["image_index"][n:])
+    held = prefs["image_grid_thw"].shape[0] if "image_grid_thw" in prefs else prefs["pixel_values"].shape[0]
+    assert held == 3  # the pairs' images, each once
+
+
+def test_llama_vision_refuses_a_row_with_two_images(examples):
+    from alignment.models import load_processor
+
+    two = {**examples[0], "images": [examples[0]["image"], examples[1]["image"]]}
+    with pytest.raises(DataValidationError, match="'s0': 2 images; Llama 3.2 Vision reads one image per row"):
+        collate_sft([two, examples[1]], load_processor("tiny-mllama"))

@@ -131,6 +131,31 @@ def test_preference_jsonl_strings_and_messages(folder):
         ("Who wrote this book?", "Anna Weber", "Peter Novak", "Anna Weber")]
 
 
+def test_rows_with_several_images_keep_them_all_in_order(folder):
+    """messages, preference and rlaifv rows with two images: the example shows both (``images``), decoded
+    to RGB in order; a missing second image is named."""
+    from alignment.data import DataValidationError
+
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same author?"}]},
+            {"role": "assistant", "content": "No"}]
+    write_jsonl(folder / "sft.jsonl", [{"messages": turn, "images": ["imgs/red.png", "imgs/gray.png"]}])
+    write_jsonl(folder / "pref.jsonl", [{"prompt": "Same author?", "chosen": "No", "rejected": "Yes",
+                                         "images": ["imgs/blue.png", "imgs/red.png"]}])
+    write_jsonl(folder / "rlaifv.jsonl", [{"image": ["imgs/gray.png", "imgs/blue.png"], "question": "Same author?",
+                                           "chosen": "No", "rejected": "Yes"}])
+    colours = {"sft": [(255, 0, 0), (90, 90, 90)], "pref": [(0, 0, 255), (255, 0, 0)],
+               "rlaifv": [(90, 90, 90), (0, 0, 255)]}
+    for name, expected in colours.items():
+        examples, table = load_examples(folder / f"{name}.jsonl")
+        assert "image" not in examples[0] and len(examples[0]["images"]) == 2
+        kept, _ = validate_examples(examples, base_dir=table.base_dir)
+        assert [i.getpixel((0, 0)) for i in kept[0]["images"]] == expected and all(i.mode == "RGB" for i in kept[0]["images"])
+    write_jsonl(folder / "bad.jsonl", [{"messages": turn, "images": ["imgs/red.png", "imgs/none.png"]}])
+    examples, table = load_examples(folder / "bad.jsonl")
+    with pytest.raises(DataValidationError, match="field 'images'"):
+        validate_examples(examples, base_dir=table.base_dir)
+
+
 def test_arrow_save_to_disk_and_single_arrow_file(tmp_path):
     dataset = datasets.Dataset.from_dict({
         "image": [Image.new("RGB", (8, 8), "red")], "question": ["Who wrote this book?"],

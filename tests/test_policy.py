@@ -153,30 +153,12 @@ def test_four_bit_gradients_after_an_eval_pass_equal_those_before(name):
     gradients (on CPUs with AVX512-BF16) and never undoes it; LoRA gradients backpropagated through the
     repacked weights differed by 114% (relative norm). Every stage that evaluates or rolls out before
     it trains (DPO after SFT's evaluation, PPO, GRPO) depends on this equality."""
+    from tests._adapters import check_lora_gradients_survive_an_eval_pass
+
     torch.manual_seed(0)
     policy = load(name, "4bit")
-    policy.add_adapter("policy", LoraSpec(r=4))
-    with torch.no_grad():
-        for key, param in policy.model.named_parameters():
-            if "lora_B" in key:
-                param.add_(0.05 * torch.randn_like(param))
-    batch = make_batch(policy)
-
-    def lora_gradients():
-        policy.model.train()
-        policy.model.zero_grad(set_to_none=True)
-        (-policy.completion_logprobs(batch)[1].sum()).backward()
-        return [p.grad.clone() for p in policy.trainable_parameters()]
-
-    before = lora_gradients()
-    policy.model.eval()
-    with torch.no_grad():
-        policy.completion_logprobs(batch)
-        policy.generate(make_batch(policy, with_answer=False, padding_side="left"), max_new_tokens=2)
-    after = lora_gradients()
-    assert len(before) == len(after) > 0
-    for a, b in zip(before, after, strict=True):
-        torch.testing.assert_close(b, a, atol=0, rtol=0)
+    check_lora_gradients_survive_an_eval_pass(
+        policy, make_batch(policy), make_batch(policy, with_answer=False, padding_side="left"))
 
 
 def test_eight_bit_refused_for_mllama():
@@ -349,3 +331,56 @@ def test_row_generator_sampling_follows_the_nucleus_distribution():
     rows = [torch.Generator().manual_seed(i) for i in range(6000)]
     counts = torch.bincount(_sample(logits, 1.0, 0.6, rows), minlength=4) / 6000  # nucleus: 0.5 and 0.3
     torch.testing.assert_close(counts, torch.tensor([0.0, 0.625, 0.375, 0.0]), atol=0.025, rtol=0)
+
+
+def test_llava_rows_show_several_images_and_share_them():
+    """image_index [B, K] (-1: empty slot): row 0 shows images [0, 1], row 1 image 1 alone; the features
+    path equals transformers' forward on the same rows with the images repeated per placeholder."""
+    policy = load("tiny-llava")
+    images = [Image.new("RGB", (112, 112), c) for c in [(200, 60, 40), (40, 120, 200)]]
+    texts = ["<|image|><|image|> Which cover is red?", "<|image|> What colour is this?"]
+    plain = dict(policy.processor(images=[images[0], images[1], images[1]], text=texts, return_tensors="pt",
+                                  padding=True, add_special_tokens=False))
+    with torch.no_grad():
+        want = policy.model(**plain).logits
+        features = policy.encode_images({"pixel_values": plain["pixel_values"][:2]})  # each image once
+        batch = {**plain, "image_index": torch.tensor([[0, 1], [1, -1]])}
+        got = policy.forward(batch, features).logits
+    mask = plain["attention_mask"].bool()
+    assert (got - want)[mask].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("model", ["tiny-mllama", "tiny-llava", "tiny-qwen25vl", "tiny-idefics3"])
+def test_log_probs_over_the_answer_window_equal_the_full_logits(model):
+    """`windowed_logits` runs the LM head over the answer span only; log-probs, the SFT loss and the
+    gradients equal those computed from every position's logits (fp32)."""
+    from alignment.data import build_datasets, collate_sft
+    from alignment.losses import sequence_logprobs, sft_loss_sum
+
+    policy = load(model)
+    policy.add_adapter("policy", LoraSpec(r=4))
+    examples = build_datasets(num_covers=8, seed=0, task="sft", max_eval_samples=2)[0][:3]
+    batch = collate_sft(examples, policy.processor)
+    logits, labels, start = policy.windowed_logits(batch)
+    assert 0 < logits.shape[1] < batch["input_ids"].shape[1] - 10  # the prompt (image tokens included) is skipped
+    full = policy.forward(batch).logits
+    mask = (batch["labels"] != -100).float()
+    want_tokens, want_seq = sequence_logprobs(full, batch["labels"].clamp(min=0), mask)
+    got_tokens, got_seq, got_mask = policy.completion_logprobs(batch)
+    torch.testing.assert_close(got_tokens, want_tokens, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_seq, want_seq, atol=1e-5, rtol=1e-6)  # sums of ~100 nats
+    assert torch.equal(got_mask, mask[:, 1:])
+    want_nll, want_count = sft_loss_sum(full, batch["labels"])
+    got_nll, got_count = sft_loss_sum(logits, labels)
+    torch.testing.assert_close(got_nll, want_nll, atol=1e-4, rtol=0)
+    assert int(got_count) == int(want_count) > 0
+
+    def gradients(loss):
+        policy.model.zero_grad(set_to_none=True)
+        loss.backward()
+        return [p.grad.clone() for p in policy.trainable_parameters()]
+
+    for got, want in zip(gradients(-policy.completion_logprobs(batch)[1].sum()),
+                         gradients(-sequence_logprobs(policy.forward(batch).logits, batch["labels"].clamp(min=0),
+                                                      mask)[1].sum()), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

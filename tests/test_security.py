@@ -97,7 +97,7 @@ def test_trust_remote_code_is_false_unless_the_recipe_sets_it(tmp_path, monkeypa
     for call in (registry.load_model, registry.load_processor):
         with pytest.raises(_Stop):
             call("tiny-mllama")
-    assert seen == [("config", False), ("model", False), ("processor", False)]
+    assert seen == [("config", False), ("model", False), ("config", False), ("processor", False)]
 
     asked = []
 

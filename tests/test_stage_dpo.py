@@ -10,11 +10,11 @@ from alignment.stages import DPOStage, RunContext
 from tests._recipes import tiny_recipe
 
 
-def make_stage(tmp_path, **overrides):
+def make_stage(tmp_path, name="tiny-mllama", **overrides):
     raw = tiny_recipe(tmp_path, stages=("dpo",))
     raw["stages"][0].update(overrides)
     recipe = recipe_from_dict(raw, "test")
-    policy = MultimodalPolicy.from_pretrained("tiny-mllama")
+    policy = MultimodalPolicy.from_pretrained(name)
     train, evaluation, _ = build_datasets(num_covers=60, seed=0, task="preference", max_eval_samples=8)
     ctx = RunContext(accelerator=make_accelerator(recipe), output_dir=tmp_path)
     stage = DPOStage(recipe.stages[0], policy, ctx, train, evaluation)
@@ -22,15 +22,26 @@ def make_stage(tmp_path, **overrides):
 
 
 def count_images_encoded(policy):
+    """A hook on the family's vision tower recording how many images each call encodes (Mllama: one
+    pixel_values entry each; Qwen: one image_grid_thw row each, its patches flattened)."""
     seen = []
-    vision = policy.base_model.model.vision_model
-    handle = vision.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs["pixel_values"].shape[0]),
+
+    def images(args, kwargs):
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        return (grid if grid is not None else kwargs["pixel_values"]).shape[0]
+
+    vision = policy.family.vision_modules(policy.model)[0]
+    handle = vision.register_forward_hook(lambda m, args, kwargs, out: seen.append(images(args, kwargs)),
                                           with_kwargs=True)
     return seen, handle
 
 
-def test_one_vision_pass_per_pair_per_step(tmp_path):
-    stage, policy = make_stage(tmp_path)
+FAMILIES = ["tiny-mllama", "tiny-qwen25vl", "tiny-qwen3vl"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_one_vision_pass_per_pair_per_step(tmp_path, name):
+    stage, policy = make_stage(tmp_path, name)
     policy.add_adapter("policy", LoraSpec(r=4))
     policy.freeze_reference("policy")  # reference = frozen copy, as after SFT
     stage.setup(None)
@@ -47,9 +58,10 @@ def test_one_vision_pass_per_pair_per_step(tmp_path):
     assert metrics["rewards/margins"] == 0.0
 
 
-def test_vision_lora_encodes_for_policy_and_reference(tmp_path):
+@pytest.mark.parametrize("name", FAMILIES)
+def test_vision_lora_encodes_for_policy_and_reference(tmp_path, name):
     """With LoRA on the vision tower the features differ, so the reference needs its own pass."""
-    stage, policy = make_stage(tmp_path)
+    stage, policy = make_stage(tmp_path, name)
     policy.add_adapter("policy", LoraSpec(r=4, preset="multimodal"))
     stage.setup(None)
     batch = stage.collate(stage.train_examples[:4])

@@ -55,10 +55,32 @@ def make_stage(out, prompts, adapters, resume=False, model="tiny-mllama", **over
 
 def count_vision_calls(policy):
     seen = []
-    tower = policy.family.inner_model(policy.model)
-    vision = getattr(tower, "vision_model", None) or tower.vision_tower
+    vision = policy.family.vision_modules(policy.model)[0]
     handle = vision.register_forward_hook(lambda m, args, kwargs, out: seen.append(1), with_kwargs=True)
     return seen, handle
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen25vl", "tiny-qwen3vl"])
+def test_qwen_rollout_encodes_each_image_once_and_prefills_each_prompt_once(tmp_path, prompts, model):
+    """Qwen-VL: one vision call per rollout; the prompt forward runs on P rows (M-RoPE positions from the
+    images' grids), every later decode step on P x G rows; the update trains on the shared features."""
+    stage, policy = make_stage(tmp_path, prompts, tmp_path, model=model, num_minibatches=1, init_adapter=None)
+    stage.setup(None)
+    text_rows = []
+    language = policy.family.inner_model(policy.model).language_model
+    hook = language.register_forward_hook(
+        lambda m, args, kwargs, out: text_rows.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True)
+    seen, handle = count_vision_calls(policy)
+    rollout = stage.make_rollout(ExampleStream(stage.train_examples, 2, seed=0))
+    hook.remove()
+    assert len(seen) == 1 and len(rollout.image_features) == 2
+    assert rollout.image_index.tolist() == [0, 0, 0, 1, 1, 1]
+    assert text_rows[0][0] == 2 and text_rows[0][1] > 1  # the prefill: one row per prompt
+    decode_steps = [rows for rows, length in text_rows[1:] if length == 1]
+    assert decode_steps and set(decode_steps) == {6}  # then one token for each of P x G rows
+    losses, _ = stage.train_step(rollout)
+    handle.remove()
+    assert torch.isfinite(torch.as_tensor(losses["actor"])) and len(seen) == 1  # no vision call in the update
 
 
 def test_one_rollout_encodes_each_image_once_and_scores_groups(tmp_path, prompts, adapters):
@@ -68,7 +90,7 @@ def test_one_rollout_encodes_each_image_once_and_scores_groups(tmp_path, prompts
     seen, handle = count_vision_calls(policy)
     rollout = stage.make_rollout(stream)
     assert len(seen) == 1  # one vision pass for 2 prompts x 3 answers (sampling and every scoring pass)
-    assert rollout.size == 6 and rollout.image_features.shape[0] == 2
+    assert rollout.size == 6 and len(rollout.image_features) == 2
     assert rollout.image_index.tolist() == [0, 0, 0, 1, 1, 1]
     assert rollout.ids[0] == rollout.ids[1] == rollout.ids[2] != rollout.ids[3]
     prompt_rows = torch.where(rollout.response_mask.bool(), 0, rollout.input_ids[:, 1:])
@@ -147,7 +169,7 @@ def test_micro_batches_hold_whole_groups(tmp_path, prompts, adapters):
     batches = stage.next_micro_batches(stream)
     assert len(batches) == 2 and all(b.size == 6 for b in batches)
     for b in batches:
-        assert b.image_features.shape[0] == 2
+        assert len(b.image_features) == 2
         ids = b.ids
         assert all(ids.count(i) == 3 for i in ids)
 

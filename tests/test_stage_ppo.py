@@ -76,7 +76,7 @@ def test_rollout_record_shapes_and_padding(tmp_path, prompts, adapters):
     B, T = rollout.input_ids.shape
     assert B == 4 and rollout.attention_mask.shape == (B, T)
     assert rollout.cross_attention_mask.shape[:2] == (B, T)
-    assert rollout.image_features.shape[0] == B
+    assert len(rollout.image_features) == B
     for name in ("response_mask", "old_logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns"):
         assert getattr(rollout, name).shape == (B, T - 1), name
     assert rollout.scores.shape == (B,) and len(rollout.ids) == B

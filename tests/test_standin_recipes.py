@@ -66,6 +66,30 @@ def test_grpo_11b_recipe_dry_runs_on_the_standin(tmp_path):
     assert report["stages"][1]["batch"]["tiles_used"][1] == 4  # portrait covers fill Mllama's 4 tiles
 
 
+QWEN = ["model.name=standin-qwen25vl", "data.image_size=600", "data.image_height=900", "data.max_eval_examples=4"]
+
+
+def test_dpo_qwen_recipe_runs_on_the_standin(tmp_path):
+    """`dpo_qwen25vl_7b.yaml` unchanged but for its length on Qwen2.5-VL-7B's geometry (real ids and
+    template, 4-bit, bf16, checkpointing, pixel budget 128-512 tokens): a 600x900 cover is 486 image
+    tokens, encoded once per pair; DPO's first log-ratio is exactly 0."""
+    recipe = load_recipe(ROOT / "recipes" / "dpo_qwen25vl_7b.yaml",
+                         [f"output_dir={tmp_path}", *QWEN, *shortened(2, 1, 24)])
+    assert (recipe.model.min_pixels, recipe.model.max_pixels) == (100352, 401408)
+    report = run_recipe(recipe)
+    check_report(report, ["sft", "dpo"])
+    assert report["stages"][1]["history"][0]["rewards/margins"] == 0.0
+
+
+def test_grpo_qwen_recipe_dry_runs_on_the_standin(tmp_path):
+    dry = load_recipe(ROOT / "recipes" / "grpo_qwen25vl_7b.yaml",
+                      [f"output_dir={tmp_path}", *QWEN, "data.num_covers=24", "stages.0.batch_size=1",
+                       "stages.1.batch_size=1"])
+    report = run_recipe(dry, dry_run=True)
+    assert [s["name"] for s in report["stages"]] == ["sft", "grpo"]
+    assert report["stages"][1]["batch"]["vision_tokens_per_image"] == 486  # 600x900 within 512 x 28 x 28
+
+
 @pytest.mark.slow
 def test_grpo_11b_recipe_runs_a_step_on_the_standin(tmp_path):
     report = run_11b("grpo_llama32_vision_11b", tmp_path / "run", stage_count=2, steps=1, covers=24,

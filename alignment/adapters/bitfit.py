@@ -22,8 +22,8 @@ from alignment.adapters.base import OwnAdapters
 SCOPES = {
     "language": r".*language_model\..*",
     "cross_attention": r".*(cross_attn|multi_modal_projector).*",
-    "vision": r".*(vision_model|vision_tower)\..*",
-    "multimodal": r".*(cross_attn|multi_modal_projector|vision_model|vision_tower).*",
+    "vision": r".*(vision_model|vision_tower|visual)\..*",
+    "multimodal": r".*(cross_attn|multi_modal_projector|vision_model|vision_tower|visual).*",
     "all": r".*",
 }
 
@@ -68,7 +68,7 @@ class BitFitAdapters(OwnAdapters):
         return hook
 
     def touches_vision(self, name: str) -> bool:
-        return any(re.search(r"vision_model|vision_tower|multi_modal_projector", t)
+        return any(re.search(r"vision_model|vision_tower|multi_modal_projector|(^|\.)visual\.", t)
                    for t in self.configs[name]["target_modules"])
 
 

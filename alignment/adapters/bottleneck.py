@@ -170,5 +170,5 @@ class BottleneckAdapters(OwnAdapters):
         return hook
 
     def touches_vision(self, name: str) -> bool:
-        return any(re.search(r"vision_model|vision_tower|multi_modal_projector", t)
+        return any(re.search(r"vision_model|vision_tower|multi_modal_projector|(^|\.)visual\.", t)
                    for t in self.configs[name]["target_modules"])

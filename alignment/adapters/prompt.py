@@ -59,7 +59,7 @@ class PromptAdapters(OwnAdapters):
         kwargs = dict(kwargs)
         if args:  # language_model is called with keywords; a positional input_ids is moved there
             kwargs["input_ids"], args = args[0], args[1:]
-        past = kwargs.get("past_key_values")
+        past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 passes `cache`
         first = past is None or past.get_seq_length() == 0
         prompt = self.adapters[self.active].embedding.weight  # [n, h]
         n = prompt.shape[0]

@@ -1,20 +1,23 @@
-"""Collators: examples -> model tensors, for Mllama and LLaVA processors.
+"""Collators: examples -> model tensors, for every family's processor (Mllama, LLaVA, Qwen-VL, ...).
 
-Shapes (B rows, T tokens; ``tiles`` = the image processor's max tiles):
+Shapes (B rows, T tokens, N images; ``tiles`` = the image processor's max tiles):
 
     input_ids, attention_mask            [B, T]        int64
     labels (sft, preference)             [B, T]        int64, -100 on prompt and padding
-    pixel_values                         Mllama [N, 1, tiles, 3, H, W], LLaVA [N, 3, H, W]  float32
+    pixel_values                         Mllama [N, 1, tiles, 3, H, W], LLaVA [N, 3, H, W],
+                                         Qwen [sum of patches, C*T*P*P] (+ image_grid_thw [N, 3])
     aspect_ratio_ids / aspect_ratio_mask Mllama only, [N, 1] / [N, 1, tiles]
     cross_attention_mask                 Mllama only, [B, T, 1, tiles]: 1 from the <|image|>
                                          token to the row's last real token, 0 before and on pads
-    image_index                          [B] int64: row -> its image in pixel_values
+    image_index                          [B] int64: row -> its image; [B, K] when a row shows several
+                                         images (slots in placeholder order, -1 on empty ones)
     ids                                  list[str] of sample ids (one per example)
 
-N is the number of images: one per example (for preference pairs, one per pair). Each sequence is
-tokenized whole (prompt + completion) by the processor, so Mllama's cross-attention mask spans
-the completion; the prompt, tokenized alone, must be a prefix of it (checked), which gives the labels.
-Rows are never truncated: a row over ``max_length`` raises ``DataValidationError``.
+An example shows its ``image`` or its ``images`` (a list; one placeholder each, in order). Each image
+is held once per batch; a preference pair's two rows point at the same images. Each sequence is
+tokenized whole (prompt + completion) by the processor, so Mllama's cross-attention mask spans the
+completion; the completion, tokenized alone, must end each row's real tokens (checked), which gives
+the labels. Rows are never truncated: a row over ``max_length`` raises ``DataValidationError``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from alignment.data.errors import DataValidationError
 from alignment.data.prompts import prompt_format
 
 IGNORE_INDEX = -100
-_IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
+# Pixel keys with one entry per image (or per row's images) along dim 0, never per token.
+_IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "image_grid_thw", "pixel_attention_mask",
+               "image_sizes")
 
 
 def processor_family(processor: Any) -> str:
@@ -43,15 +48,59 @@ def processor_family(processor: Any) -> str:
                      "MllamaProcessor or a LlavaProcessor")
 
 
-def _encode(processor: Any, texts: list[str], images: list[Any], padding_side: str) -> dict[str, torch.Tensor]:
-    """Run the processor over whole texts (one image placeholder each) with one image per text."""
-    encoded = processor(text=texts, images=[[image] for image in images], padding=True,
+def images_of(example: dict[str, Any]) -> list[Any]:
+    """An example's images, in placeholder order: its ``images`` list, else its one ``image``."""
+    images = example.get("images")
+    return list(images) if images is not None else [example["image"]]
+
+
+def _encode(processor: Any, texts: list[str], images: list[list[Any]], padding_side: str) -> dict[str, torch.Tensor]:
+    """Run the processor over whole texts, row i showing the images ``images[i]`` (one placeholder each)."""
+    encoded = processor(text=texts, images=[list(row) for row in images], padding=True,
                         padding_side=padding_side, add_special_tokens=False, return_tensors="pt")
     batch = dict(encoded)
     batch["pixel_values"] = batch["pixel_values"].to(torch.float32)
     if "cross_attention_mask" in batch:  # zero on padding; the processor fills pads after the image
         batch["cross_attention_mask"] = batch["cross_attention_mask"] * batch["attention_mask"][:, :, None, None]
     return batch
+
+
+def _image_entries(batch: dict[str, torch.Tensor]) -> int:
+    """How many entries the batch's pixel tensors hold along dim 0 (Qwen: one image_grid_thw row per image)."""
+    return int(batch["image_grid_thw"].shape[0] if "image_grid_thw" in batch else batch["pixel_values"].shape[0])
+
+
+def _image_index(batch: dict[str, torch.Tensor], counts: list[int], ids: list[str]) -> tuple[torch.Tensor, int]:
+    """``(image_index, entries)`` for rows showing ``counts[i]`` images each: ``[B]`` row -> its entry when
+    each pixel entry is one row's images (one image per row; Mllama and Idefics3 lay several out per row),
+    else ``[B, K]`` into the images laid out one per entry, row-major, -1 on empty slots."""
+    rows, entries = len(counts), _image_entries(batch)
+    if entries == rows and (max(counts) == 1 or entries != sum(counts)):
+        if max(counts) > 1 and "cross_attention_mask" in batch:
+            row = max(range(rows), key=lambda i: counts[i])
+            raise DataValidationError(
+                f"sample {ids[row % len(ids)]!r}: {counts[row]} images; Llama 3.2 Vision reads one image per row "
+                "(its cross-attention mask has one image slot): keep one image per example for this model")
+        return torch.arange(rows), entries
+    if entries != sum(counts):
+        raise DataValidationError(f"the processor returned {entries} image entries for {sum(counts)} images "
+                                  f"in rows {ids[:3]}...: each image placeholder must match one image")
+    index = torch.full((rows, max(counts)), -1, dtype=torch.long)
+    start = 0
+    for row, count in enumerate(counts):
+        index[row, :count] = torch.arange(start, start + count)
+        start += count
+    return index, entries
+
+
+def _first_images(batch: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+    """The pixel tensors of the batch's first `count` images. One entry per image along dim 0, except
+    Qwen's flat `pixel_values [sum of patches, D]`, where image i holds `image_grid_thw[i].prod()` rows."""
+    out = {key: batch[key][:count] for key in _IMAGE_KEYS if key in batch}
+    if "image_grid_thw" in batch:
+        patches = int(batch["image_grid_thw"][:count].prod(-1).sum())
+        out["pixel_values"] = batch["pixel_values"][:patches]
+    return out
 
 
 def _check_length(batch: dict[str, torch.Tensor], ids: list[str], max_length: int | None) -> None:
@@ -66,25 +115,29 @@ def _check_length(batch: dict[str, torch.Tensor], ids: list[str], max_length: in
                 "max_length, or validate the data with the tokenizer and policy='skip' first")
 
 
-def _labels(batch: dict[str, torch.Tensor], processor: Any, prompts: list[str], ids: list[str]) -> torch.Tensor:
-    """``input_ids`` with -100 on each row's prompt tokens and on padding (right-padded rows)."""
-    tokenizer = processor.tokenizer
-    image_token_id = processor.image_token_id
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    labels = batch["input_ids"].clone()
-    for row, prefix in enumerate(prompt_ids):
-        full = batch["input_ids"][row].tolist()
-        expanded = []  # LLaVA's processor repeats <|image|> once per patch
-        for token in prefix:
-            expanded.extend([token] * full.count(image_token_id) if token == image_token_id else [token])
-        if full[: len(expanded)] != expanded:
+def _labels(batch: dict[str, torch.Tensor], processor: Any, completions: list[str], ids: list[str]) -> torch.Tensor:
+    """``input_ids`` with -100 everywhere but each row's completion: the last tokens of its real (right-padded)
+    tokens, found as the completion tokenized alone. Working from the end leaves the prompt's image tokens
+    alone, however the processor expanded each placeholder (one token, 576 copies, a grid of tile markers)."""
+    completion_ids = processor.tokenizer(completions, add_special_tokens=False)["input_ids"]
+    labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    for row, completion in enumerate(completion_ids):
+        end = lengths[row]
+        start = end - len(completion)
+        if start < 0 or batch["input_ids"][row, start:end].tolist() != completion:
             raise DataValidationError(
-                f"sample {ids[row % len(ids)]!r} (batch row {row}): the prompt's tokens are not a prefix of "
+                f"sample {ids[row % len(ids)]!r} (batch row {row}): the completion's tokens are not the end of "
                 "prompt + completion's tokens, so the completion cannot be located; the tokenizer merges "
                 "across the boundary (check the tokenizer's pre-tokenizer)")
-        labels[row, : len(expanded)] = IGNORE_INDEX
-    labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+        labels[row, start:end] = batch["input_ids"][row, start:end]
     return labels
+
+
+def _prompts(examples: list[dict[str, Any]], processor: Any, instruction: str) -> tuple[list[str], list[list[Any]]]:
+    """Each example's prompt text (one image placeholder per image) and its images."""
+    images = [images_of(e) for e in examples]
+    return [prompt_format(processor, len(i)).prompt(e["question"], instruction) for e, i in zip(examples, images)], images
 
 
 def collate_sft(examples: list[dict[str, Any]], processor: Any, max_length: int | None = None,
@@ -92,37 +145,34 @@ def collate_sft(examples: list[dict[str, Any]], processor: Any, max_length: int 
     """SFT batch: prompt + answer + end of turn (``<|eot_id|>``), right-padded, labels on the completion only.
     Prompt and end of turn come from the processor's chat template (`prompt_format`)."""
     ids = [e["id"] for e in examples]
-    fmt = prompt_format(processor)
-    prompts = [fmt.prompt(e["question"], instruction) for e in examples]
-    texts = [p + fmt.completion(e["answer"]) for p, e in zip(prompts, examples)]
-    batch = _encode(processor, texts, [e["image"] for e in examples], "right")
+    prompts, images = _prompts(examples, processor, instruction)
+    completions = [prompt_format(processor).completion(e["answer"]) for e in examples]
+    batch = _encode(processor, [p + c for p, c in zip(prompts, completions)], images, "right")
     _check_length(batch, ids, max_length)
-    batch["labels"] = _labels(batch, processor, prompts, ids)
-    batch["image_index"] = torch.arange(len(examples))
+    batch["labels"] = _labels(batch, processor, completions, ids)
+    batch["image_index"], _ = _image_index(batch, [len(i) for i in images], ids)
     batch["ids"] = ids
     return batch
 
 
 def collate_preference(examples: list[dict[str, Any]], processor: Any, max_length: int | None = None,
                        instruction: str = DEFAULT_INSTRUCTION) -> dict[str, Any]:
-    """Preference batch of B pairs: rows 0..B-1 chosen, B..2B-1 rejected, one padded length.
+    """Preference batch of P pairs: rows 0..P-1 chosen, P..2P-1 rejected, one padded length.
 
-    Image tensors hold one image per pair (N = B); ``image_index = [0..B-1, 0..B-1]``;
-    ``num_pairs = B``; ``ids`` has one id per pair.
+    A pair's images are held once (N = the pairs' images), and both of its rows point at them:
+    ``image_index`` of row P+i equals row i's; ``num_pairs = P``; ``ids`` has one id per pair.
     """
     ids = [e["id"] for e in examples]
+    prompts, images = _prompts(examples, processor, instruction)
     fmt = prompt_format(processor)
-    prompts = [fmt.prompt(e["question"], instruction) for e in examples] * 2
-    answers = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
-    texts = [p + fmt.completion(a) for p, a in zip(prompts, answers)]
-    images = [e["image"] for e in examples]
-    batch = _encode(processor, texts, images + images, "right")
+    completions = [fmt.completion(e["chosen"]) for e in examples] + [fmt.completion(e["rejected"]) for e in examples]
+    batch = _encode(processor, [p + c for p, c in zip(prompts * 2, completions)], images * 2, "right")
     _check_length(batch, ids, max_length)
-    batch["labels"] = _labels(batch, processor, prompts, ids)
-    for key in _IMAGE_KEYS:
-        if key in batch:
-            batch[key] = batch[key][: len(examples)]
-    batch["image_index"] = torch.arange(len(examples)).repeat(2)
+    batch["labels"] = _labels(batch, processor, completions, ids)
+    index, entries = _image_index(batch, [len(i) for i in images] * 2, ids)
+    chosen = index[: len(examples)]
+    batch.update(_first_images(batch, entries // 2))
+    batch["image_index"] = torch.cat([chosen, chosen])
     batch["num_pairs"] = len(examples)
     batch["ids"] = ids
     return batch
@@ -131,11 +181,11 @@ def collate_preference(examples: list[dict[str, Any]], processor: Any, max_lengt
 def collate_prompts(examples: list[dict[str, Any]], processor: Any,
                     instruction: str = DEFAULT_INSTRUCTION) -> dict[str, Any]:
     """Prompts only, left-padded for generation; plus ``answers`` (reference), ``questions``, ``kinds``."""
-    fmt = prompt_format(processor)
-    batch = _encode(processor, [fmt.prompt(e["question"], instruction) for e in examples],
-                    [e["image"] for e in examples], "left")
-    batch["image_index"] = torch.arange(len(examples))
-    batch["ids"] = [e["id"] for e in examples]
+    ids = [e["id"] for e in examples]
+    prompts, images = _prompts(examples, processor, instruction)
+    batch = _encode(processor, prompts, images, "left")
+    batch["image_index"], _ = _image_index(batch, [len(i) for i in images], ids)
+    batch["ids"] = ids
     batch["answers"] = [e.get("answer", e.get("chosen")) for e in examples]
     batch["questions"] = [e["question"] for e in examples]
     batch["kinds"] = [e.get("kind", "other") for e in examples]

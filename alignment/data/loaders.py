@@ -8,6 +8,8 @@ Formats (``data.format``; detected from the columns when not given):
     preference  prompt, chosen, rejected, images: TRL's preference format (strings or messages)
     rlaifv      image, question, chosen, rejected: RLAIF-V
 
+An example shows one ``image``, or ``images`` (a list, in placeholder order) when its row holds several
+(messages, preference and rlaifv rows may: ``images: [a, b]``); a preference pair's rows share all of them.
 Images stay undecoded here; ``validate_examples`` opens them.
 """
 
@@ -84,18 +86,20 @@ def _turns_text(value: Any, role: str) -> str:
     return _text(value)
 
 
-def _one_image(row: dict[str, Any]) -> Any:
-    images = row["images"] if "images" in row else [row.get("image")]
-    if isinstance(images, list | tuple):
-        if len(images) != 1:
-            raise ValueError(f"{len(images)} images; this pipeline takes exactly one image per row")
-        return images[0]
-    return images
+def _image_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """``{"image_id", "image"}`` for a row with one image, ``{"image_id", "images"}`` for several (ids of
+    each joined by '+'), from its ``images`` (a list or one value) or ``image`` column."""
+    images = row["images"] if "images" in row else row.get("image")
+    images = list(images) if isinstance(images, list | tuple) else [images]
+    if not images:
+        raise ValueError("no image")
+    image_id = str(row.get("image_id") or "+".join(image_fingerprint(i) for i in images))
+    return {"image_id": image_id, "image": images[0]} if len(images) == 1 else {"image_id": image_id, "images": images}
 
 
 def _messages_examples(row: dict[str, Any], source: str, index: int) -> list[dict[str, Any]]:
-    image = _one_image(row)
-    image_id = str(row.get("image_id") or image_fingerprint(image))
+    shown = _image_fields(row)
+    image_id = shown["image_id"]
     examples, question = [], None
     for message in row["messages"]:
         role, text = message.get("role"), _text(message.get("content"))
@@ -104,8 +108,8 @@ def _messages_examples(row: dict[str, Any], source: str, index: int) -> list[dic
         elif role == "assistant":
             if question is None:
                 raise ValueError("an assistant message comes before any user message")
-            examples.append({"id": f"{row.get('id') or f'{image_id}/r{index}'}/t{len(examples)}", "image_id": image_id,
-                             "image": image, "question": question, "answer": text,
+            examples.append({"id": f"{row.get('id') or f'{image_id}/r{index}'}/t{len(examples)}", **shown,
+                             "question": question, "answer": text,
                              "kind": question_kind(question, text), "source": source, "row": index})
             question = None
     if not examples:
@@ -114,11 +118,11 @@ def _messages_examples(row: dict[str, Any], source: str, index: int) -> list[dic
 
 
 def _preference_example(row: dict[str, Any], source: str, index: int, fmt: str) -> list[dict[str, Any]]:
-    image = _one_image(row) if fmt == "preference" else row["image"]
+    shown = _image_fields(row)
+    image_id = shown["image_id"]
     question = _turns_text(row["prompt"], "user") if fmt == "preference" else _text(row["question"])
     chosen, rejected = _turns_text(row["chosen"], "assistant"), _turns_text(row["rejected"], "assistant")
-    image_id = str(row.get("image_id") or image_fingerprint(image))
-    return [{"id": str(row.get("id") or f"{image_id}/r{index}"), "image_id": image_id, "image": image,
+    return [{"id": str(row.get("id") or f"{image_id}/r{index}"), **shown,
              "question": question, "chosen": chosen, "rejected": rejected, "answer": chosen,
              "kind": question_kind(question, chosen), "source": source, "row": index}]
 

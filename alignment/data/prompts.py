@@ -85,24 +85,26 @@ def image_token_of(processor: Any) -> str:
     return tokenizer.convert_ids_to_tokens(token_id) if token_id is not None else IMAGE
 
 
-def prompt_format(processor: Any) -> PromptFormat:
-    """The processor's `PromptFormat`, read off its chat template once (cached on the processor).
+def prompt_format(processor: Any, n_images: int = 1) -> PromptFormat:
+    """The processor's `PromptFormat` for a user turn showing `n_images` images (each an image part, in
+    order, before the text), read off its chat template once per count (cached on the processor).
 
     Without a chat template, seed 000's Llama 3 format with the processor's image placeholder. A BOS
     the tokenizer would add but the template leaves out is put in front (collators tokenize with
     ``add_special_tokens=False``); the answer's closing is what the template writes after an
     assistant message (its trailing whitespace dropped), else the tokenizer's EOS."""
-    cached = getattr(processor, "_vlm_align_prompt_format", None)
-    if cached is not None:
-        return cached
+    cache = getattr(processor, "_vlm_align_prompt_formats", None)
+    if cache is not None and n_images in cache:
+        return cache[n_images]
     image_token = image_token_of(processor)
     tokenizer = getattr(processor, "tokenizer", processor)
     template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
     if not template:
-        fmt = PromptFormat(before=SEED_000.before.replace(IMAGE, image_token), after=SEED_000.after,
+        fmt = PromptFormat(before=SEED_000.before.replace(IMAGE, image_token * n_images), after=SEED_000.after,
                            end_of_turn=SEED_000.end_of_turn, image_token=image_token)
     else:
-        user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _SENTINEL}]}
+        parts = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": _SENTINEL}]
+        user = {"role": "user", "content": parts}
         before, after = _render(tokenizer, template, [user], True).split(_SENTINEL)
         answered = _render(tokenizer, template, [user, {"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}],
                            False)
@@ -113,7 +115,9 @@ def prompt_format(processor: Any) -> PromptFormat:
         fmt = PromptFormat(before=before, after=after, end_of_turn=end_of_turn, image_token=image_token,
                            separator=" " if before.endswith(image_token) else "")
     try:
-        processor._vlm_align_prompt_format = fmt
+        if cache is None:
+            cache = processor._vlm_align_prompt_formats = {}
+        cache[n_images] = fmt
     except AttributeError:
         pass
     return fmt

@@ -108,11 +108,11 @@ def policy_embeddings(policy, examples: list[dict[str, Any]], batch_size: int = 
         for start in range(0, len(examples), batch_size):
             batch = collate_sft(examples[start : start + batch_size], policy.processor, **kwargs)
             batch = {k: v.to(policy.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            features = policy.encode_images(batch)  # [N_img, S, h]
+            features = policy.encode_images(batch)
             hidden = policy.forward(batch, features, hidden=True).hidden_states[-1].float()  # [B, T, h]
             mask = batch["attention_mask"].float()[..., None]
             text = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            image = features.float().mean(1)[batch["image_index"]]
+            image = _row_image_means(features, batch["image_index"])
             rows.append(torch.cat([F.normalize(text, dim=-1), F.normalize(image, dim=-1)], dim=-1).cpu())
     policy.train(was_training)
     return torch.cat(rows)
@@ -157,3 +157,21 @@ def select_for_recipe(examples: list[dict[str, Any]], config, policy, seed: int,
     print(f"[data] select: kept {len(kept)} of {len(examples)} by {config.by}; "
           f"{sum(map(has_real_image, kept))} with images, {len(categories)} categories")
     return kept
+
+
+def _row_image_means(features, image_index):
+    """Each row's mean image feature `[B, H]`: over its images' unpadded tokens (`image_index` [B] or
+    [B, K], -1 slots skipped; a row without images gets zeros)."""
+    import torch
+
+    from alignment.models.features import as_slots
+
+    if not hasattr(features, "embeds"):
+        raise ValueError("diversity pruning needs image features, and the generic family computes none ahead of "
+                         f"the forward ({type(features).__name__}); prune with by=random for this model")
+    embeds = features.embeds.float()
+    valid = torch.arange(embeds.shape[1], device=embeds.device)[None] < features.lengths[:, None].to(embeds.device)
+    per_image = (embeds * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)  # [N, H]
+    slots = as_slots(image_index).to(embeds.device)
+    taken = per_image[slots.clamp(min=0)] * (slots >= 0)[..., None]  # [B, K, H]
+    return taken.sum(1) / (slots >= 0).sum(1, keepdim=True).clamp(min=1)

@@ -170,9 +170,10 @@ def image_blind(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     blanks: dict[tuple[int, int], Any] = {}
     blind = []
     for example in examples:
-        size = getattr(example["image"], "size", None)
-        if size is None:
+        shown = example["images"] if "images" in example else [example["image"]]
+        sizes = [getattr(image, "size", None) for image in shown]
+        if None in sizes:
             raise TypeError(f"example {example.get('id')!r}: image is not decoded; run validate_examples first")
-        blank = blanks.setdefault(tuple(size), blank_cover(tuple(size)))
-        blind.append({**example, "image": blank})
+        blank = [blanks.setdefault(tuple(size), blank_cover(tuple(size))) for size in sizes]
+        blind.append({**example, "images": blank} if "images" in example else {**example, "image": blank[0]})
     return blind

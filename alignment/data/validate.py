@@ -88,16 +88,29 @@ def image_seq_length_of(processor: Any) -> int:
     return list(ids).count(processor.tokenizer.convert_tokens_to_ids(token))
 
 
-def _length_tools(tokenizer: Any, image_seq_length: int | None) -> tuple[Any, int, PromptFormat]:
+def _length_tools(tokenizer: Any, image_seq_length: int | None) -> tuple[Any, int, Any]:
     """(tokenizer, image_seq_length, prompt format); a processor gives its tokenizer, its image token
     count and its chat template's format; a bare tokenizer seed 000's format and one token per image."""
-    fmt = SEED_000
+    def fmt(n_images: int) -> PromptFormat:  # seed 000's format with one placeholder per image
+        return SEED_000 if n_images == 1 else PromptFormat(
+            before=SEED_000.before.replace(SEED_000.image_token, SEED_000.image_token * n_images),
+            after=SEED_000.after, end_of_turn=SEED_000.end_of_turn, image_token=SEED_000.image_token)
+
     if hasattr(tokenizer, "tokenizer") and hasattr(tokenizer, "image_processor"):
-        fmt = prompt_format(tokenizer)
+        processor = tokenizer
+
+        def fmt(n_images: int) -> PromptFormat:
+            return prompt_format(processor, n_images)
+
         if image_seq_length is None:
             image_seq_length = image_seq_length_of(tokenizer)
         tokenizer = tokenizer.tokenizer
     return tokenizer, 1 if image_seq_length is None else image_seq_length, fmt
+
+
+def _shown(example: dict[str, Any]) -> list[Any]:
+    """An example's raw images: its ``images`` list, else its one ``image``."""
+    return list(example["images"]) if "images" in example else [example.get("image")]
 
 
 def _text_problem(example: dict[str, Any]) -> tuple[str, str, str, str] | None:
@@ -115,14 +128,17 @@ def _text_problem(example: dict[str, Any]) -> tuple[str, str, str, str] | None:
 
 
 def _length_problem(example: dict[str, Any], tokenizer: Any, max_length: int | None, image_seq_length: int,
-                    instruction: str, fmt: PromptFormat = SEED_000) -> tuple[str, str, str, str] | None:
+                    instruction: str, fmt=None) -> tuple[str, str, str, str] | None:
     """(reason, field, problem, fix) when prompt + the longest answer is over ``max_length`` tokens,
-    counted as the model sees them (the image placeholder expanded to ``image_seq_length`` tokens)."""
+    counted as the model sees them (each image placeholder expanded to ``image_seq_length`` tokens).
+    ``fmt(n_images)`` gives the prompt format of a turn with that many images."""
     if max_length is None:
         return None
-    prompt = fmt.prompt(example["question"], instruction)
+    n_images = len(_shown(example))
+    turn = fmt(n_images)
+    prompt = turn.prompt(example["question"], instruction)
     names = ("chosen", "rejected") if "chosen" in example else ("answer",)
-    lengths = {n: _token_count(tokenizer, prompt + fmt.completion(example[n])) + image_seq_length - 1
+    lengths = {n: _token_count(tokenizer, prompt + turn.completion(example[n])) + n_images * (image_seq_length - 1)
                for n in names}
     name = max(lengths, key=lengths.get)
     if lengths[name] <= max_length:
@@ -155,7 +171,7 @@ def validate_examples(
     check_policy(policy)
     if max_length is not None and tokenizer is None:
         raise ValueError("max_length needs a tokenizer to count tokens")
-    fmt = SEED_000
+    fmt = None
     if max_length is not None:
         tokenizer, image_seq_length, fmt = _length_tools(tokenizer, image_seq_length)
     report = report if report is not None else ValidationReport()
@@ -164,22 +180,25 @@ def validate_examples(
     kept = []
     for index, example in enumerate(examples):
         report.total += 1
-        raw = example.get("image")
-        key = raw if isinstance(raw, str | os.PathLike) else id(raw)  # rows of one cover share it
-        if key not in decoded:
-            try:
-                decoded[key] = to_rgb(open_image(raw, base))
-            except ImageProblem as problem:
-                decoded[key] = problem
-        image = decoded[key]
-        if isinstance(image, ImageProblem):
-            problem = (image.reason, "image", image.problem, image.fix)
+        images = []
+        for raw in _shown(example):
+            key = raw if isinstance(raw, str | os.PathLike) else id(raw)  # rows of one cover share it
+            if key not in decoded:
+                try:
+                    decoded[key] = to_rgb(open_image(raw, base))
+                except ImageProblem as problem:
+                    decoded[key] = problem
+            images.append(decoded[key])
+        bad = next((image for image in images if isinstance(image, ImageProblem)), None)
+        if bad is not None:
+            problem = (bad.reason, "images" if "images" in example else "image", bad.problem, bad.fix)
         else:
             problem = _text_problem(example) or _length_problem(
                 example, tokenizer, max_length, image_seq_length, instruction, fmt)
         if problem is None:
-            report.converted_to_rgb += image[1]
-            kept.append({**example, "image": image[0]})
+            report.converted_to_rgb += sum(image[1] for image in images)
+            rgb = [image[0] for image in images]
+            kept.append({**example, "images": rgb} if "images" in example else {**example, "image": rgb[0]})
         elif policy == "error":
             reason, name, what, fix = problem
             raise row_error(example.get("source", "<examples>"), example.get("row", index), name, what, fix)

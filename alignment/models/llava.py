@@ -10,6 +10,21 @@ from __future__ import annotations
 
 import torch
 
+from alignment.models.features import (
+    ImageFeatures,
+    decode_step,
+    default_image_index,
+    flat_images,
+    placeholder_ids,
+    text_positions,
+)
+
+MODEL_TYPES = ("llava",)
+TINY_MODELS = {"tiny-llava": "llava"}
+SHARES_FEATURES = True
+MAX_IMAGES_PER_ROW = None
+PIXEL_KEYS = ("pixel_values",)
+TOKEN_KEYS = ()
 IMAGE_SIZE = 112
 PATCH_SIZE = 14
 
@@ -74,29 +89,80 @@ def build_processor(tokenizer):
     )
 
 
+def build_tiny(name: str, folder) -> None:
+    """Write the tiny random build of `name` (tokenizer, processor, config, weights; seed 0) into `folder`."""
+    from transformers import LlavaForConditionalGeneration
+
+    from alignment.models.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    build_processor(tokenizer).save_pretrained(folder)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(tiny_config(tokenizer))
+    model.save_pretrained(folder)
+
+
 def inner_model(model):
     """The `LlavaModel` below the LM head (works through PEFT wrappers)."""
     return model.get_base_model().model if hasattr(model, "get_base_model") else model.model
 
 
-def encode_images(model, pixel_values, **_) -> torch.Tensor:
-    """pixel_values [N, 3, H, W] -> image_features [N, patches, hidden]."""
+def encode_images(model, pixel_values, **_) -> ImageFeatures:
+    """pixel_values [N, 3, H, W] -> features of N images, `embeds [N, patches, hidden]`."""
     core = inner_model(model)
     out = core.get_image_features(
         pixel_values=pixel_values,
         vision_feature_layer=core.config.vision_feature_layer,
         vision_feature_select_strategy=core.config.vision_feature_select_strategy,
     )
-    return torch.stack(list(out.pooler_output))
+    return ImageFeatures.dense(torch.stack(list(out.pooler_output)))
 
 
-def forward_with_features(model, input_ids, attention_mask, image_features, **kwargs):
-    """Forward over rows that each carry their own `image_features` row ([B, S, hidden])."""
+def select_pixels(pixels: dict, images: torch.Tensor) -> dict:
+    """The pixel inputs of images `images` [M], in that order (one entry per image along dim 0)."""
+    return {key: value[images.to(value.device)] for key, value in pixels.items()}
+
+
+def _embeds(model, input_ids, features: ImageFeatures | None, image_index) -> torch.Tensor:
+    """Token embeddings with each row's images' features at its placeholders, in placeholder order."""
     core = inner_model(model)
     embeds = core.get_input_embeddings()(input_ids)
+    if features is None:
+        return embeds
+    index = image_index if image_index is not None else default_image_index(input_ids.shape[0], input_ids.device)
+    images = flat_images(index).to(features.device)
     placeholders = (input_ids == core.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-    embeds = embeds.masked_scatter(placeholders, image_features.to(embeds.dtype))
-    return model(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+    taken = torch.cat(features.unpadded(images)) if len(images) else embeds.new_zeros(0, embeds.shape[-1])
+    return embeds.masked_scatter(placeholders, taken.to(embeds.dtype))
+
+
+def forward_with_features(model, input_ids, attention_mask, features: ImageFeatures | None, image_index=None,
+                          **kwargs):
+    """Forward over rows whose placeholders take the images `image_index` ([B] or [B, K], -1 = empty slot)."""
+    return model(inputs_embeds=_embeds(model, input_ids, features, image_index), attention_mask=attention_mask,
+                 **kwargs)
+
+
+def prefill(model, input_ids, attention_mask, features, image_index, **_):
+    """The prompt forward with a KV cache: `(logits [B, V] at the last position, state)`."""
+    positions = text_positions(attention_mask)
+    out = forward_with_features(model, input_ids, attention_mask, features, image_index, position_ids=positions,
+                                use_cache=True)
+    return out.logits[:, -1], {"cache": out.cache, "text_positions": positions[:, -1:]}
+
+
+def decode(model, state: dict, token: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One KV-cache step for `token [B]`: logits [B, V]; advances the state."""
+    return decode_step(model, state, token, attention_mask)
+
+
+def unsampled_token_ids(config) -> list[int]:
+    """The image placeholder (`<image>`), where the output head has a row for it."""
+    return placeholder_ids(config)
+
+
+def vision_modules(model) -> list[torch.nn.Module]:
+    return [inner_model(model).vision_tower]
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -120,3 +186,5 @@ PRESET_PATTERNS = {
 }
 QUANT_SKIP_MODULES = [r".*vision_tower", r".*multi_modal_projector", "lm_head"]
 SUPPORTS_8BIT = True
+VISION_PATTERN = r"vision_tower|multi_modal_projector"  # searched in module / parameter names
+PROJECTOR_PATTERNS = [r".*multi_modal_projector\.linear_\d+\.(weight|bias)"]

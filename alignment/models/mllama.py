@@ -10,6 +10,21 @@ from __future__ import annotations
 
 import torch
 
+from alignment.models.features import (
+    ImageFeatures,
+    as_slots,
+    decode_step,
+    default_image_index,
+    placeholder_ids,
+    text_positions,
+)
+
+MODEL_TYPES = ("mllama",)
+TINY_MODELS = {"tiny-mllama": "mllama"}
+SHARES_FEATURES = True
+MAX_IMAGES_PER_ROW = 1  # the cross-attention mask [B, T, 1, tiles] has one image slot
+PIXEL_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
+TOKEN_KEYS = ("cross_attention_mask",)  # [B, T, 1, tiles], aligned with the tokens
 IMAGE_SIZE = 112
 PATCH_SIZE = 14
 
@@ -71,14 +86,28 @@ def build_processor(tokenizer):
     return MllamaProcessor(image_processor=image_processor(), tokenizer=tokenizer, chat_template=tokenizer.chat_template)
 
 
+def build_tiny(name: str, folder) -> None:
+    """Write the tiny random build of `name` (tokenizer, processor, config, weights; seed 0) into `folder`."""
+    from transformers import MllamaForConditionalGeneration
+
+    from alignment.models.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    build_processor(tokenizer).save_pretrained(folder)
+    torch.manual_seed(0)
+    model = MllamaForConditionalGeneration(tiny_config(tokenizer))
+    open_cross_attention_gates(model)
+    model.save_pretrained(folder)
+
+
 def inner_model(model):
     """The `MllamaModel` below the LM head (works through PEFT wrappers)."""
     return model.get_base_model().model if hasattr(model, "get_base_model") else model.model
 
 
-def encode_images(model, pixel_values, aspect_ratio_ids, aspect_ratio_mask, **_) -> torch.Tensor:
-    """pixel_values [N, 1, tiles, 3, H, W] -> cross_attention_states [N, tiles*patches, hidden]
-    (patches = 1601 per 560-px tile of Llama 3.2 Vision), one row per image.
+def encode_images(model, pixel_values, aspect_ratio_ids, aspect_ratio_mask, **_) -> ImageFeatures:
+    """pixel_values [N, 1, tiles, 3, H, W] -> features of N images, `embeds [N, tiles*patches, hidden]`
+    cross-attention states (patches = 1601 per 560-px tile of Llama 3.2 Vision).
 
     transformers' own forward reshapes to [N*tiles, patches, hidden] and lets each cross-attention
     layer regroup the rows by batch; rows here are indexed per image (`image_index`), so the tiles of
@@ -87,18 +116,57 @@ def encode_images(model, pixel_values, aspect_ratio_ids, aspect_ratio_mask, **_)
     states = core.vision_model(
         pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask
     ).last_hidden_state  # [N, 1, tiles, patches, vision_output_dim]
-    return core.multi_modal_projector(states).reshape(states.shape[0], -1, core.hidden_size)
+    return ImageFeatures.dense(core.multi_modal_projector(states).reshape(states.shape[0], -1, core.hidden_size))
 
 
-def forward_with_features(model, input_ids, attention_mask, image_features, cross_attention_mask=None, **kwargs):
-    """Forward over rows that each carry their own `image_features` row ([B, S, hidden])."""
+def select_pixels(pixels: dict, images: torch.Tensor) -> dict:
+    """The pixel inputs of images `images` [M], in that order (one entry per image along dim 0)."""
+    return {key: value[images.to(value.device)] for key, value in pixels.items()}
+
+
+def _row_states(features: ImageFeatures | None, image_index: torch.Tensor | None, batch_size: int):
+    """Each row's cross-attention states `[B, tiles*patches, hidden]` (one image per row)."""
+    if features is None:
+        return None
+    slots = as_slots(image_index if image_index is not None else default_image_index(batch_size, features.device))
+    if slots.shape[1] > 1 or bool((slots < 0).any()):
+        raise ValueError("Llama 3.2 Vision takes exactly one image per row (its cross-attention mask has one image slot)")
+    return features.rows(slots[:, 0])
+
+
+def forward_with_features(model, input_ids, attention_mask, features: ImageFeatures | None, image_index=None,
+                          cross_attention_mask=None, **kwargs):
+    """Forward over rows, row b reading image `image_index[b]` of `features` through cross-attention."""
     return model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        cross_attention_states=image_features,
+        cross_attention_states=_row_states(features, image_index, input_ids.shape[0]),
         cross_attention_mask=cross_attention_mask,
         **kwargs,
     )
+
+
+def prefill(model, input_ids, attention_mask, features, image_index, cross_attention_mask=None, **_):
+    """The prompt forward with a KV cache: `(logits [B, V] at the last position, state)`; the state keeps
+    the cache, each row's last text position and its cross-attention mask column (images do not grow)."""
+    positions = text_positions(attention_mask)
+    out = forward_with_features(model, input_ids, attention_mask, features, image_index,
+                                cross_attention_mask=cross_attention_mask, position_ids=positions, use_cache=True)
+    state = {"cache": out.cache, "text_positions": positions[:, -1:]}
+    if cross_attention_mask is not None:
+        state["cross_attention_mask"] = cross_attention_mask[:, -1:]
+    return out.logits[:, -1], state
+
+
+def decode(model, state: dict, token: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One KV-cache step for `token [B]`: logits [B, V]; advances the state."""
+    extra = {"cross_attention_mask": state["cross_attention_mask"]} if "cross_attention_mask" in state else {}
+    return decode_step(model, state, token, attention_mask, **extra)
+
+
+def unsampled_token_ids(config) -> list[int]:
+    """The image placeholder, where the output head has a row for it (Llama 3.2 Vision's 128256 lies past it)."""
+    return placeholder_ids(config)
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -154,3 +222,5 @@ PRESET_PATTERNS = {
 # replaces its default, so lm_head must be named too).
 QUANT_SKIP_MODULES = [r".*vision_model", r".*multi_modal_projector", "lm_head"]
 SUPPORTS_8BIT = False
+VISION_PATTERN = r"vision_model|multi_modal_projector"  # searched in module / parameter names
+PROJECTOR_PATTERNS = [r".*multi_modal_projector\.(weight|bias)", r".*cross_attn_(attn|mlp)_gate"]

@@ -54,10 +54,10 @@ def pretrain(name: str = "tiny-mllama", steps: int = 500, batch_size: int = 32, 
     from transformers import AutoModelForImageTextToText
 
     from alignment.data.synthetic import generate_rows
-    from alignment.models.registry import FAMILIES, TINY_MODELS, load_processor
+    from alignment.models.registry import TINY_FAMILIES, load_processor
     from alignment.models.tokenizer import BOS, EOS, IMAGE
 
-    family = FAMILIES[TINY_MODELS[name]]
+    family = TINY_FAMILIES[name]
     processor = load_processor(name)
     tokenizer = processor.tokenizer
     torch.manual_seed(0)

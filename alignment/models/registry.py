@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from alignment.models import llava, mllama
+from alignment.models import generic, llava, mllama, qwen_vl
 
-FAMILIES: dict[str, ModuleType] = {"mllama": mllama, "llava": llava}
-TINY_MODELS: dict[str, str] = {"tiny-mllama": "mllama", "tiny-llava": "llava"}
+_FAMILY_MODULES = (mllama, llava, qwen_vl, generic)
+FAMILIES: dict[str, ModuleType] = {t: module for module in _FAMILY_MODULES for t in module.MODEL_TYPES}
+TINY_MODELS: dict[str, str] = {name: t for module in _FAMILY_MODULES for name, t in module.TINY_MODELS.items()}
+TINY_FAMILIES: dict[str, ModuleType] = {name: module for module in _FAMILY_MODULES for name in module.TINY_MODELS}
+_NOTED: set[str] = set()  # model types the generic family's note was printed for (once per process)
 QUANTIZATIONS = ("none", "4bit", "8bit")
 _SHIPPED = Path(__file__).parent / "assets"
 _COMPLETE = "COMPLETE"
@@ -24,13 +28,28 @@ def cache_root() -> Path:
     return Path(os.environ.get("VLM_ALIGN_CACHE", Path.home() / ".cache" / "vlm-align"))
 
 
+class UnsupportedModelError(ValueError):
+    """A model that is not an image-text-to-text model this library can train; one line for the user."""
+
+
 def family_of(model_or_config) -> ModuleType:
-    """The family module (`mllama` or `llava`) of a model, PEFT model or config."""
+    """The family module (`alignment.models.mllama`, `llava`, `qwen_vl`, `generic`) of a model, PEFT model or config:
+    `generic` for any other image-text-to-text model type (a note on stderr, once per process and type)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise ValueError(f"model type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
-    return FAMILIES[model_type]
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise UnsupportedModelError(
+            f"model type {model_type!r} ({type(config).__name__}) is not a vision-language model vlm-align supports; "
+            f"supported model types: {', '.join(sorted(FAMILIES))}, and any other image-text-to-text model type")
+    if model_type not in _NOTED:
+        _NOTED.add(model_type)
+        print(f"note: model type {model_type!r} has no family file: every stage runs the plain forward with each "
+              "row's pixels (images are not shared between rows, roles or samples)", file=sys.stderr)
+    return generic
 
 
 def _build_atomically(name: str, folder: Path, write) -> None:
@@ -49,12 +68,9 @@ def _build_atomically(name: str, folder: Path, write) -> None:
 
 
 def _build_tiny(name: str, folder: Path) -> None:
-    """Write tokenizer, processor, config and weights of a tiny model into `folder`, atomically."""
-    from transformers import LlavaForConditionalGeneration, MllamaForConditionalGeneration
-
-    from alignment.models.tokenizer import build_tokenizer
-
-    family = FAMILIES[TINY_MODELS[name]]
+    """Write tokenizer, processor, config and weights of a tiny model into `folder`, atomically: the
+    shipped pretrained build where there is one, else the family's random build."""
+    family = TINY_FAMILIES[name]
 
     def write(staging: Path) -> None:
         shipped = _SHIPPED / name
@@ -64,14 +80,7 @@ def _build_tiny(name: str, folder: Path) -> None:
             for file in shipped.iterdir():
                 shutil.copy2(file, staging / file.name)
             return
-        tokenizer = build_tokenizer()
-        family.build_processor(tokenizer).save_pretrained(staging)
-        model_class = MllamaForConditionalGeneration if family is mllama else LlavaForConditionalGeneration
-        torch.manual_seed(0)
-        model = model_class(family.tiny_config(tokenizer))
-        if family is mllama:
-            mllama.open_cross_attention_gates(model)
-        model.save_pretrained(staging)
+        family.build_tiny(name, staging)
 
     _build_atomically(name, folder, write)
 
@@ -165,12 +174,25 @@ def _from_hub(name: str, load):
         hub_logger.setLevel(level)
 
 
-def load_processor(name_or_path: str, trust_remote_code: bool = False):
-    """The model's processor (tokenizer + image processor); right padding by default."""
-    from transformers import AutoProcessor
+def load_processor(name_or_path: str, trust_remote_code: bool = False, min_pixels: int | None = None,
+                   max_pixels: int | None = None):
+    """The model's processor (tokenizer + image processor), through its family's `load_processor` where it
+    has one (Qwen: video-free without torchvision; `min_pixels`/`max_pixels` its pixel budget); a pad token
+    always (right padding by default)."""
+    from transformers import AutoConfig, AutoProcessor
 
     path = resolve_model_path(name_or_path)
-    processor = _from_hub(name_or_path, lambda: AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code))
+    config = _from_hub(name_or_path, lambda: AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+    family = family_of(config)
+    if hasattr(family, "load_processor"):
+        processor = _from_hub(name_or_path, lambda: family.load_processor(
+            path, trust_remote_code=trust_remote_code, min_pixels=min_pixels, max_pixels=max_pixels))
+    else:
+        if min_pixels is not None or max_pixels is not None:
+            raise UnsupportedModelError(f"model.min_pixels / model.max_pixels: the {config.model_type} family has a "
+                                        "fixed image size; leave them unset")
+        processor = _from_hub(name_or_path, lambda: AutoProcessor.from_pretrained(
+            path, trust_remote_code=trust_remote_code))
     tokenizer = processor.tokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = "<|finetune_right_pad_id|>" if "<|finetune_right_pad_id|>" in tokenizer.get_vocab() else tokenizer.eos_token

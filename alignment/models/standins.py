@@ -8,11 +8,12 @@ checkpoint has. These folders keep them:
 | ------------------- | ------------------------------------------ | ----------------------------------------------- |
 | `standin-mllama`    | meta-llama/Llama-3.2-11B-Vision-Instruct   | 560-px tiles, up to 4, the 8 aspect ratios, 1601 vision tokens per tile; vocabulary 128,256 (+8 embedding rows), `<|image|>` = 128256, BOS 128000, `<|eot_id|>` 128009, pad 128004; Llama 3.2 Vision's chat template; generation stops at 128001/128008/128009 |
 | `standin-llava`     | a LLaVA-1.5-geometry model with a Llama 3 tokenizer (e.g. llava-hf/llama3-llava-next-8b-hf's text side) | CLIP at 336 px, patch 14: 576 image tokens; the same Llama 3 ids, `<image>` = 128256 as the placeholder; a Llama-3-style template that renders `<image>\\n` before the text |
+| `standin-qwen25vl`  | Qwen/Qwen2.5-VL-7B-Instruct                 | patch 14, merge 2, temporal patch 2, 3136..12845056 pixels (a 600x900 cover: 672 `<|image_pad|>`), window 112, full attention every 4th vision block, M-RoPE sections [16, 24, 24] at head_dim 128, rope theta 1e6; vocabulary 151,643 + 22 added tokens at 151643..151664 (`<|im_end|>` 151645, `<|image_pad|>` 151655), 152,064 embedding rows, untied head; pad `<|endoftext|>`; Qwen2.5-VL's chat template (default system turn); generation stops at 151645/151643 |
 
-Widths are small (vision 32, text 64) so a forward runs on a CPU; the vocabulary, the image
-processor and the token protocol are the real ones. Build one with::
+Widths are small (vision 32, text 64; Qwen's text 128, one head of 128) so a forward runs on a CPU; the
+vocabulary, the image processor and the token protocol are the real ones. Build one with::
 
-    python -m alignment.models.standins standin-mllama /tmp/standin-mllama
+    python -m alignment.models.standins standin-mllama /tmp/standin-mllama   # or standin-llava, standin-qwen25vl
     vlm-align ... model.name=/tmp/standin-mllama     # or model.name=standin-mllama (built and cached)
 
 and `MultimodalPolicy.from_pretrained("standin-mllama")` builds it on first use under the cache.
@@ -217,7 +218,120 @@ def llava_processor():
                           image_token="<image>", num_additional_image_tokens=1)
 
 
-STANDINS = {"standin-mllama": "mllama", "standin-llava": "llava"}
+# --- Qwen2.5-VL --------------------------------------------------------------------------------------
+
+QWEN_VOCAB_SIZE = 151643  # Qwen2.5's byte-level BPE entries (ids 0..151642)
+# Qwen2.5's added tokens at 151643..151664, in id order, with tokenizer_config's `special` flag (the
+# last 8 are added but not special: `skip_special_tokens` keeps them).
+QWEN_ADDED_TOKENS = [
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True), ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True), ("<|quad_start|>", True),
+    ("<|quad_end|>", True), ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
+    ("<|image_pad|>", True), ("<|video_pad|>", True), ("<tool_call>", False), ("</tool_call>", False),
+    ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False), ("<|fim_pad|>", False),
+    ("<|repo_name|>", False), ("<|file_sep|>", False),
+]
+QWEN25VL_EMBEDDING_ROWS = 152064  # Qwen2.5-VL-7B's config vocab_size (the 3B has 151936)
+QWEN_ENDOFTEXT, QWEN_IM_END = 151643, 151645
+QWEN_STOP_IDS = [QWEN_IM_END, QWEN_ENDOFTEXT]  # generation_config eos_token_id
+QWEN_VISION_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                       vision_end_token_id=151653)
+QWEN25VL_MIN_PIXELS, QWEN25VL_MAX_PIXELS = 3136, 12845056  # preprocessor_config: 4 to 16,384 merged tokens
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+# Qwen2.5-VL-7B-Instruct's chat template (chat_template.json), byte for byte: a default system turn
+# when the first message is not a system one; an image part as <|vision_start|><|image_pad|><|vision_end|>
+# (`Picture N: ` before it with add_vision_id); each turn closed by <|im_end|>\n.
+QWEN25VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen2_tokenizer(chat_template: str):
+    """A `Qwen2Tokenizer` with Qwen2.5's id layout and pipeline (NFC, Qwen's split regex, byte-level; no BOS):
+    a small BPE trained on the book-cover vocabulary, unreachable filler entries up to id 151,642, and the 22
+    added tokens at 151643..151664. EOS `<|im_end|>`, pad `<|endoftext|>`. Deterministic."""
+    from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from alignment.models.tokenizer import tokenizer_corpus
+
+    small = Tokenizer(models.BPE())
+    small.normalizer = normalizers.NFC()
+    small.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    small.train_from_iterator(tokenizer_corpus(), trainers.BpeTrainer(
+        vocab_size=1024, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    trained = json.loads(small.to_str())["model"]
+    vocab = dict(trained["vocab"])
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    for token_id in range(len(vocab), QWEN_VOCAB_SIZE):  # never produced: no merge leads to them
+        vocab[f"<filler_{token_id}>"] = token_id
+    added = {QWEN_VOCAB_SIZE + i: AddedToken(token, special=special, normalized=False)
+             for i, (token, special) in enumerate(QWEN_ADDED_TOKENS)}
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        added_tokens_decoder=added, additional_special_tokens=[t for t, special in QWEN_ADDED_TOKENS[1:] if special],
+        chat_template=chat_template, model_max_length=131072, clean_up_tokenization_spaces=False, errors="replace",
+        split_special_tokens=False, padding_side="right",
+    )
+    for token_id, token in added.items():
+        assert tokenizer.convert_tokens_to_ids(token.content) == token_id, f"{token.content} is not at {token_id}"
+    return tokenizer
+
+
+def qwen25vl_config():
+    """Qwen2.5-VL-7B's geometry at small width: vision 32 wide, 4 blocks (full attention at 1 and 3, as the
+    7B's 7/15/23/31 of 32; windows of 112 px), patch 14, merge 2, temporal 2; text 128 wide, 2 layers of one
+    head of 128 (the 7B's head_dim, so the real M-RoPE sections [16, 24, 24]), rope theta 1e6, 128,000
+    positions, 152,064 embedding rows, untied head; the real vision token ids."""
+    from transformers import Qwen2_5_VLConfig
+
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH_SIZE,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1, 3],
+                  out_hidden_size=128, tokens_per_second=2)
+    text = dict(vocab_size=QWEN25VL_EMBEDDING_ROWS, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=128000, max_window_layers=2,
+                rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                bos_token_id=QWEN_ENDOFTEXT, eos_token_id=QWEN_IM_END, pad_token_id=QWEN_ENDOFTEXT,
+                tie_word_embeddings=False)
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **QWEN_VISION_IDS)
+
+
+def qwen25vl_processor():
+    """The video-free Qwen2.5-VL processor (saved in the hub layout, alignment.models.qwen_vl) over the
+    real image processor settings: patch 14, merge 2, temporal 2, 3136..12845056 pixels, CLIP mean/std."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from alignment.models.qwen_vl import video_free_processor_class
+
+    tokenizer = build_qwen2_tokenizer(QWEN25VL_TEMPLATE)
+    images = Qwen2VLImageProcessorPil(min_pixels=QWEN25VL_MIN_PIXELS, max_pixels=QWEN25VL_MAX_PIXELS,
+                                      patch_size=PATCH_SIZE, merge_size=2, temporal_patch_size=2,
+                                      image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    return video_free_processor_class("qwen2_5_vl")(image_processor=images, tokenizer=tokenizer,
+                                                    chat_template=QWEN25VL_TEMPLATE)
+
+
+STANDINS = {"standin-mllama": "mllama", "standin-llava": "llava", "standin-qwen25vl": "qwen2_5_vl"}
 
 
 def build_standin(name: str, folder: str | Path, seed: int = 0, full_width: bool = False,
@@ -225,16 +339,22 @@ def build_standin(name: str, folder: str | Path, seed: int = 0, full_width: bool
     """Write stand-in `name`'s processor, config, generation config and random weights into `folder`
     (`full_width`: Mllama at the 11B's own sizes, initialised on `device` in `dtype`)."""
     import torch
-    from transformers import GenerationConfig, LlavaForConditionalGeneration, MllamaForConditionalGeneration
+    from transformers import (
+        GenerationConfig,
+        LlavaForConditionalGeneration,
+        MllamaForConditionalGeneration,
+        Qwen2_5_VLForConditionalGeneration,
+    )
 
     if name not in STANDINS:
         raise ValueError(f"unknown stand-in {name!r}; known: {sorted(STANDINS)}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     family = STANDINS[name]
-    processor = mllama_processor() if family == "mllama" else llava_processor()
+    processor = {"mllama": mllama_processor, "llava": llava_processor, "qwen2_5_vl": qwen25vl_processor}[family]()
     processor.save_pretrained(folder)
     torch.manual_seed(seed)
+    ids = dict(bos_token_id=FIRST_SPECIAL, eos_token_id=list(STOP_IDS), pad_token_id=PAD_ID)
     if family == "mllama":
         from alignment.models.mllama import open_cross_attention_gates
 
@@ -246,10 +366,12 @@ def build_standin(name: str, folder: str | Path, seed: int = 0, full_width: bool
         finally:
             torch.set_default_dtype(default_dtype)
         open_cross_attention_gates(model)  # a random model's cross-attention must matter to be tested
-    else:
+    elif family == "llava":
         model = LlavaForConditionalGeneration(llava_config())
-    model.generation_config = GenerationConfig(bos_token_id=FIRST_SPECIAL, eos_token_id=list(STOP_IDS),
-                                               pad_token_id=PAD_ID)
+    else:
+        model = Qwen2_5_VLForConditionalGeneration(qwen25vl_config())
+        ids = dict(bos_token_id=QWEN_ENDOFTEXT, eos_token_id=list(QWEN_STOP_IDS), pad_token_id=QWEN_ENDOFTEXT)
+    model.generation_config = GenerationConfig(**ids)
     model.save_pretrained(folder)
     return folder
 

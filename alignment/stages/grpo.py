@@ -23,7 +23,6 @@ import torch
 
 from alignment.evaluate import answer_metrics
 from alignment.losses import group_advantages, grpo_loss_sum, masked_sum
-from alignment.policy import PIXEL_KEYS
 from alignment.rewards import REWARD_MODEL, call_reward, resolve
 from alignment.stages.base import _all_sum
 from alignment.stages.common import lora_spec
@@ -89,7 +88,7 @@ class GRPOStage(OnlineStage):
             tokens = actor.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                     top_p=cfg.top_p, image_features=actor_features, generator=generator,
                                     num_samples=groups)
-        batch = self._answer_batch(repeat_rows(prompts, groups), tokens)
+        batch = self._answer_batch(repeat_rows(prompts, groups, self.policy.family.PIXEL_KEYS), tokens)
         targets = batch["labels"][:, 1:]
         mask = (targets != -100).float()
         old_logprobs = ref_logprobs = None
@@ -108,8 +107,8 @@ class GRPOStage(OnlineStage):
             image_features=features if features is not None else actor_features,
             response_mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=None, rewards=None,
             advantages=None, returns=None, scores=scores.float().to(mask.device), ids=[e["id"] for e in rows],
-            pixel_inputs={k: prompts[k] for k in PIXEL_KEYS if k in prompts} if any(self.vision_adapted.values())
-            else None,
+            pixel_inputs=self.policy.pixel_inputs(prompts) if any(self.vision_adapted.values()) else None,
+            select_pixels=self.policy.family.select_pixels,
             image_index=batch["image_index"],
         )
         return rollout, terms
@@ -129,7 +128,7 @@ class GRPOStage(OnlineStage):
                 for start in range(0, len(examples), chunk):
                     generators = self.sampling_generators(draws[start:start + chunk], cfg.num_generations)
                     part, terms = self._sample_groups(examples[start:start + chunk],
-                                                      rows_of(prompts, start, start + chunk), generators)
+                                                      rows_of(prompts, start, start + chunk, self.policy.family), generators)
                     rewards = part.scores.view(-1, cfg.num_generations)
                     part.group_advantages = group_advantages(rewards.double(), cfg.advantage).flatten().float()
                     varied = rewards.std(dim=1, unbiased=False) > 0 if cfg.num_generations > 1 else \
@@ -219,7 +218,7 @@ class GRPOStage(OnlineStage):
     def train_step(self, batch: Rollout):
         cfg = self.config
         mask = batch.response_mask
-        _, _, logprobs = self._update_logprobs(batch)
+        _, _, logprobs, _ = self._update_logprobs(batch)
         old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
         loss_sum, normaliser, stats = grpo_loss_sum(
             logprobs, old, batch.group_advantages, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
@@ -285,15 +284,16 @@ class GRPOStage(OnlineStage):
         return entry
 
 
-def repeat_rows(prompts: dict, times: int) -> dict:
+def repeat_rows(prompts: dict, times: int, pixel_keys: tuple[str, ...]) -> dict:
     """A collated prompt batch with each row repeated `times` times in place (row p -> rows p*times ..
-    p*times + times-1), every row keeping its prompt's image (`image_index` p); images are not copied."""
+    p*times + times-1), every row keeping its prompt's images (`image_index` row p's); images (the
+    family's `pixel_keys`) are not copied."""
     out = {}
     for key, value in prompts.items():
-        if key in PIXEL_KEYS:
+        if key in pixel_keys:
             out[key] = value
         elif key == "image_index":
-            out[key] = value.repeat_interleave(times)
+            out[key] = value.repeat_interleave(times, dim=0)
         elif torch.is_tensor(value):
             out[key] = value.repeat_interleave(times, dim=0)
         elif isinstance(value, list):

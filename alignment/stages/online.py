@@ -18,6 +18,7 @@ import torch
 from alignment.config import ConfigError
 from alignment.data import collate_prompts
 from alignment.losses import gather_logprobs, masked_sum
+from alignment.models.features import compact_images
 from alignment.stages.base import Stage
 from alignment.stages.common import to_device
 
@@ -114,26 +115,36 @@ class OnlineStage(Stage):
             for m, mode in zip(models, modes):
                 m.train(mode)
 
-    def _sampling_logprobs(self, model, batch: dict, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Answer-token log-probs `[B, T-1]` under the distribution rollouts sample from (logits /
-        temperature, as in the updates), and the answer mask `[B, T-1]`."""
-        logits = model.forward(batch, features).logits[:, :-1].float() / self.config.temperature
-        targets = batch["labels"][:, 1:]
-        mask = (targets != -100).float()
+    def _answer_logprobs(self, model, batch: dict, features) -> tuple[torch.Tensor, torch.Tensor, slice]:
+        """`(logits [B, W, V] / temperature (float32), log-probs [B, T-1] of the answer tokens, window)`: the
+        LM head runs over the answer window only (`windowed_logits`); `window` is the columns of `[B, T-1]`
+        the logits cover; log-probs are 0 off the answers."""
+        logits, labels, start = model.windowed_logits(batch, features)
+        logits = logits[:, :-1].float() / self.config.temperature
+        targets = labels[:, 1:]
         # gathered at the answer tokens only: prompt ids may lie past the output head (<|image|> = 128256)
         logprobs = gather_logprobs(logits, targets.clamp(min=0))
-        return torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs)), mask
+        logprobs = torch.where(targets != -100, logprobs, torch.zeros_like(logprobs))
+        columns = batch["labels"].shape[1] - 1
+        end = start + logprobs.shape[1]
+        return logits, torch.nn.functional.pad(logprobs, (start, columns - end)), slice(start, end)
 
-    def _update_logprobs(self, batch) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    def _sampling_logprobs(self, model, batch: dict, features) -> tuple[torch.Tensor, torch.Tensor]:
+        """Answer-token log-probs `[B, T-1]` under the distribution rollouts sample from (logits /
+        temperature, as in the updates), and the answer mask `[B, T-1]`."""
+        _, logprobs, _ = self._answer_logprobs(model, batch, features)
+        return logprobs, (batch["labels"][:, 1:] != -100).float()
+
+    def _update_logprobs(self, batch) -> tuple[dict, torch.Tensor, torch.Tensor, slice]:
         """An update's actor forward over a rollout micro-batch, with gradient: `(model batch, logits
-        [B, T-1, V] / temperature (float32), log-probs [B, T-1] of the next tokens)`; the image
-        features are the rollout's unless the actor's adapter touches the vision tower."""
+        [B, W, V] / temperature (float32) over the answer window, log-probs [B, T-1] of the next tokens,
+        the window's columns)`; the image features are the rollout's unless the actor's adapter touches
+        the vision tower."""
         inputs = batch.model_batch()
         with self.role("actor") as actor:
-            logits = actor.forward(inputs, self._features("actor", inputs, batch.image_features, grad=True)).logits
-        logits = logits[:, :-1].float() / self.config.temperature
-        # gathered at the answer tokens only: prompt ids may lie past the output head (<|image|> = 128256)
-        return inputs, logits, gather_logprobs(logits, inputs["labels"][:, 1:].clamp(min=0))
+            logits, logprobs, window = self._answer_logprobs(
+                actor, inputs, self._features("actor", inputs, batch.image_features, grad=True))
+        return inputs, logits, logprobs, window
 
     def _answer_batch(self, prompts: dict, tokens: torch.Tensor) -> dict:
         """Prompt batch (left-padded) + generated tokens [B, L] -> a model batch over prompt + answer,
@@ -270,10 +281,14 @@ class OnlineStage(Stage):
             self.before = saved
 
 
-def rows_of(batch: dict, start: int, end: int) -> dict:
-    """Rows start..end of a collated prompt batch (one image per row)."""
-    out = {k: v[start:end] for k, v in batch.items() if k != "image_index"}
-    out["image_index"] = torch.arange(out["input_ids"].shape[0], device=batch["input_ids"].device)
+def rows_of(batch: dict, start: int, end: int, family) -> dict:
+    """Rows start..end of a collated prompt batch with only the images they show (the `family`'s pixel
+    keys picked by its `select_pixels`), renumbered from 0."""
+    index = batch.get("image_index", torch.arange(batch["input_ids"].shape[0]))
+    images, image_index = compact_images(index[start:end])
+    pixels = family.select_pixels({k: batch[k] for k in family.PIXEL_KEYS if k in batch}, images)
+    out = {k: v[start:end] for k, v in batch.items() if k != "image_index" and k not in pixels}
+    out.update(pixels, image_index=image_index.to(batch["input_ids"].device))
     return out
 
 

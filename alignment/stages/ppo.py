@@ -37,7 +37,6 @@ from alignment.losses import (
     ppo_policy_loss_sum,
     ppo_value_loss_sum,
 )
-from alignment.policy import PIXEL_KEYS
 from alignment.stages.base import _all_sum
 from alignment.stages.common import lora_spec
 from alignment.stages.online import OnlineStage, rows_of, shown_samples
@@ -117,8 +116,8 @@ class PPOStage(OnlineStage):
             image_features=features if features is not None else actor_features,
             response_mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values.float() * mask,
             rewards=zeros, advantages=zeros, returns=zeros, scores=scores, ids=list(prompts["ids"]),
-            pixel_inputs={k: prompts[k] for k in PIXEL_KEYS if k in prompts} if any(self.vision_adapted.values())
-            else None,
+            pixel_inputs=self.policy.pixel_inputs(prompts) if any(self.vision_adapted.values()) else None,
+            select_pixels=self.policy.family.select_pixels,
         )
 
     def make_rollout(self, examples: list[dict], iteration: int, draws: list[int] | None = None) -> Rollout:
@@ -132,7 +131,7 @@ class PPOStage(OnlineStage):
         prompts = self.collate(examples)
         chunk = cfg.eval_batch_size
         with self._eval_mode(), ctx.accelerator.autocast():  # as in the updates, so the first ratio is 1
-            parts = [self._sample_chunk(rows_of(prompts, start, start + chunk), generators[start : start + chunk])
+            parts = [self._sample_chunk(rows_of(prompts, start, start + chunk, self.policy.family), generators[start : start + chunk])
                      for start in range(0, len(examples), chunk)]
         rollout = cat_rollouts(parts, self.policy.processor.tokenizer.pad_token_id)
         mask = rollout.response_mask
@@ -195,7 +194,7 @@ class PPOStage(OnlineStage):
     def train_step(self, batch: Rollout):
         cfg = self.config
         mask = batch.response_mask
-        inputs, logits, logprobs = self._update_logprobs(batch)
+        inputs, logits, logprobs, window = self._update_logprobs(batch)
         policy_sum, clipped, approx_kl_sum, tokens = ppo_policy_loss_sum(
             logprobs, batch.old_logprobs, batch.advantages, mask, cfg.clip_range)
         with self.role("critic") as critic:
@@ -204,7 +203,7 @@ class PPOStage(OnlineStage):
         value_sum, value_clipped, _ = ppo_value_loss_sum(values, batch.values, batch.returns, mask, cfg.clip_range_value)
         n = max(1, int(tokens))
         with torch.no_grad():
-            entropy = masked_mean(entropy_from_logits(logits), mask).item()
+            entropy = masked_mean(entropy_from_logits(logits), mask[:, window]).item()
         return {"actor": policy_sum, "critic": cfg.vf_coef * value_sum}, {
             "policy_loss": policy_sum.item() / n,
             "value_loss": value_sum.item() / n,

@@ -31,10 +31,13 @@ def probe_stage(stage_class, config, policy, ctx, examples: list[dict]) -> dict:
     facts = {
         "rows": int(batch["input_ids"].shape[0]),
         "tokens": int(batch["attention_mask"].sum(-1).max()),
-        "images": int(features.shape[0]),
-        "vision_tokens_per_image": int(features.shape[1]),
+        "images": len(features),
         "forward_s": round(time.time() - start, 2),
     }
+    lengths = getattr(features, "lengths", None)  # the generic family encodes nothing ahead: no count
+    if lengths is not None:
+        facts["vision_tokens_per_image"] = (int(lengths.max()) if bool((lengths == lengths.max()).all())
+                                            else [int(lengths.min()), int(lengths.max())])
     if "aspect_ratio_mask" in batch:
         used = batch["aspect_ratio_mask"].sum(-1).flatten()
         facts.update(tiles_used=[int(used.min()), int(used.max())], tile_slots=int(batch["aspect_ratio_mask"].shape[-1]))
@@ -53,5 +56,7 @@ def describe_probe(name: str, facts: dict) -> str:
     """One line for the dry run's output."""
     tiles = (f", tiles used {facts['tiles_used'][0]}-{facts['tiles_used'][1]} of {facts['tile_slots']}"
              if "tiles_used" in facts else "")
-    return (f"[{name}] real batch ok: {facts['rows']} rows, longest {facts['tokens']} tokens; {facts['images']} images, "
-            f"{facts['vision_tokens_per_image']} vision tokens each{tiles}; forward {facts['forward_s']} s")
+    vision = (f", {facts['vision_tokens_per_image']} vision tokens each" if "vision_tokens_per_image" in facts
+              else " (pixels per row: the generic family)")
+    return (f"[{name}] real batch ok: {facts['rows']} rows, longest {facts['tokens']} tokens; {facts['images']} images"
+            f"{vision}{tiles}; forward {facts['forward_s']} s")

@@ -2,7 +2,8 @@
 
 Everything else stays frozen: the vision tower, the language model and every adapter. For
 Mllama the projector is `multi_modal_projector` plus the cross-attention gates (the tanh gates
-that let image information into the text stream); for LLaVA it is `multi_modal_projector`. The
+that let image information into the text stream); for LLaVA it is `multi_modal_projector`; for Qwen
+the vision merger (`PROJECTOR_PATTERNS` of each family file). The
 loss is SFT's (completion NLL), through the shared loop of `Stage`. The trained weights are saved
 in the stage folder as base weights (`peft_type: BASE_WEIGHTS`); the next stage loads them into the
 base (frozen) and starts its own adapter on top, and every adapter saved afterwards carries them
@@ -18,12 +19,6 @@ from alignment.stages.common import PROJECTOR_ADAPTER, is_base_weights_folder
 from alignment.stages.reward import only_train
 from alignment.stages.sft import SFTStage
 
-# Full-match regexes over base parameter names (PEFT's `.base_layer` removed).
-PROJECTOR_PATTERNS = {
-    "mllama": [r".*multi_modal_projector\.(weight|bias)", r".*cross_attn_(attn|mlp)_gate"],
-    "llava": [r".*multi_modal_projector\.linear_\d+\.(weight|bias)"],
-}
-
 
 class ProjectorStage(SFTStage):
     """SFT's loss, collation and evaluation; only the projector trains."""
@@ -37,9 +32,9 @@ class ProjectorStage(SFTStage):
             if source is not None and is_base_weights_folder(Path(source)):  # an earlier projector stage's
                 policy.load_adapter(PROJECTOR_ADAPTER, source, trainable=True)
             else:
-                family = policy.family.__name__.rsplit(".", 1)[-1]
+                # the family's full-match regexes over base parameter names (PEFT's `.base_layer` removed)
                 policy.add_adapter(PROJECTOR_ADAPTER, LoraSpec(method="base_weights",
-                                                               target_modules=PROJECTOR_PATTERNS[family]))
+                                                               target_modules=policy.family.PROJECTOR_PATTERNS))
         only_train(policy, {PROJECTOR_ADAPTER})
         policy.set_adapter(PROJECTOR_ADAPTER)
         names = policy.own["base_weights"].configs[PROJECTOR_ADAPTER]["parameters"]

@@ -9,9 +9,12 @@ token t+1 is an answer token (the stop token included).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
+
+from alignment.models.features import ImageFeatures, cat_image_indices, compact_images, padded_cat
 
 
 @dataclass
@@ -21,7 +24,8 @@ class Rollout:
     input_ids: torch.Tensor  # [B, T] int64: prompt (left-padded) then answer (right-padded)
     attention_mask: torch.Tensor  # [B, T] int64: 1 on prompt and answer tokens
     cross_attention_mask: torch.Tensor | None  # [B, T, 1, tiles] Mllama: image visible from <|image|> on
-    image_features: torch.Tensor  # [N, S, H] the images, encoded once (policy.encode_images); N = B without image_index
+    image_features: ImageFeatures | None  # the N images, encoded once (policy.encode_images; the generic family:
+    #                                      its PixelRows); N = B without image_index
     response_mask: torch.Tensor  # [B, T-1] float: 1 where position t predicts an answer token
     old_logprobs: torch.Tensor  # [B, T-1] log pi_old(token t+1) under the sampling policy
     ref_logprobs: torch.Tensor  # [B, T-1] log pi_ref(token t+1) under the reference
@@ -31,10 +35,12 @@ class Rollout:
     returns: torch.Tensor  # [B, T-1] advantages + values (before whitening): the critic's targets
     scores: torch.Tensor  # [B] reward model's score of each whole answer
     ids: list[str]  # [B] example ids
-    pixel_inputs: dict | None = None  # the family's pixel tensors [N, ...], kept only when an adapter
+    pixel_inputs: dict | None = None  # the family's pixel tensors of the N images, kept only when an adapter
     #                                   touches the vision tower (updates then re-encode with gradient)
-    image_index: torch.Tensor | None = None  # [B] int64: row -> its image (GRPO: G rows share one); None: row i -> i
+    image_index: torch.Tensor | None = None  # [B] or [B, K] int64 (-1: empty slot): row -> its images (GRPO: G
+    #                                          rows share one); None: row i -> image i
     group_advantages: torch.Tensor | None = None  # [B] GRPO: each answer's advantage within its prompt's group
+    select_pixels: Callable | None = None  # the family's `select_pixels(pixels, images)` (pixel layouts differ)
 
     @property
     def size(self) -> int:
@@ -56,25 +62,21 @@ class Rollout:
         """The rollout of the given rows, with columns that are padding in every one of them dropped
         (and, with `image_index`, only the images those rows use, each once)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
-        picked, images = {}, None
-        if self.image_index is not None:
-            images, picked["image_index"] = torch.unique(self.image_index[rows.to(self.image_index.device)],
-                                                         return_inverse=True)
+        index = self.image_index if self.image_index is not None else torch.arange(self.size)
+        images, image_index = compact_images(index[rows.to(index.device)])
+        picked = {"image_index": image_index}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "image_index":
-                continue
-            if images is not None and f.name in ("image_features", "pixel_inputs") and value is not None:
-                picked[f.name] = (value[images.to(value.device)] if torch.is_tensor(value)
-                                  else {k: v[images.to(v.device)] for k, v in value.items()})
+            if f.name in ("image_index", "select_pixels") or value is None:
+                picked.setdefault(f.name, value)
+            elif f.name == "image_features":
+                picked[f.name] = value.select(images)
+            elif f.name == "pixel_inputs":
+                picked[f.name] = self.select_pixels(value, images)
             elif f.name == "ids":
                 picked[f.name] = [value[i] for i in rows.tolist()]
-            elif f.name == "pixel_inputs" and value is not None:
-                picked[f.name] = {k: v[rows.to(v.device)] for k, v in value.items()}
-            elif value is not None:
-                picked[f.name] = value[rows.to(value.device)]
             else:
-                picked[f.name] = None
+                picked[f.name] = value[rows.to(value.device)]
         return Rollout(**picked).trimmed()
 
     def trimmed(self) -> Rollout:
@@ -91,7 +93,7 @@ class Rollout:
             value = getattr(self, f.name)
             if f.name in ("input_ids", "attention_mask", "cross_attention_mask"):
                 value = None if value is None else value[:, first:last]
-            elif torch.is_tensor(value) and value.dim() == 2 and f.name != "image_features":
+            elif torch.is_tensor(value) and value.dim() == 2 and f.name != "image_index":
                 value = value[:, first : last - 1]  # [B, T-1] positions first .. last-2
             out[f.name] = value
         return Rollout(**out)
@@ -116,19 +118,28 @@ def cat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     out = {}
     for f in fields(Rollout):
         values = [getattr(p, f.name) for p in parts]
-        if f.name == "image_index" and values[0] is not None:  # offsets into the concatenated images
-            offsets = torch.tensor([0] + [p.image_features.shape[0] for p in parts[:-1]]).cumsum(0).tolist()
-            out[f.name] = torch.cat([v + offset for v, offset in zip(values, offsets)])
+        if f.name == "image_index":  # offsets into the concatenated images
+            out[f.name] = cat_image_indices(
+                [v if v is not None else torch.arange(p.size) for v, p in zip(values, parts)],
+                [_image_count(p) for p in parts])
         elif f.name == "ids":
             out[f.name] = [i for v in values for i in v]
-        elif values[0] is None:
-            out[f.name] = None
-        elif f.name == "pixel_inputs":
-            out[f.name] = {k: torch.cat([v[k] for v in values]) for k in values[0]}
-        elif f.name in ("scores", "image_features", "group_advantages"):
+        elif values[0] is None or f.name == "select_pixels":
+            out[f.name] = values[0]
+        elif f.name == "pixel_inputs":  # every family's pixel keys concatenate along images
+            # (zero-padded: the generic family's rows may hold different numbers of sub-images)
+            out[f.name] = {k: padded_cat([v[k] for v in values]) for k in values[0]}
+        elif f.name == "image_features":  # ImageFeatures, or the generic family's pixel rows
+            out[f.name] = type(values[0]).cat(values)
+        elif f.name in ("scores", "group_advantages"):
             out[f.name] = torch.cat(values)
         else:
             full = width if f.name in ("input_ids", "attention_mask", "cross_attention_mask") else width - 1
             fill = pad_id if f.name == "input_ids" else 0
             out[f.name] = torch.cat([right_pad(v, fill, full) for v in values])
     return Rollout(**out)
+
+
+def _image_count(part: Rollout) -> int:
+    """How many images a rollout holds (its features', else one per row)."""
+    return len(part.image_features) if part.image_features is not None else part.size

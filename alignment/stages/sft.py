@@ -26,8 +26,8 @@ class SFTStage(Stage):
         return int((batch["labels"][:, 1:] != -100).sum())
 
     def train_step(self, batch):
-        logits = self.policy.forward(batch).logits
-        nll_sum, tokens = sft_loss_sum(logits.float(), batch["labels"])
+        logits, labels, _ = self.policy.windowed_logits(batch)  # the LM head over the answers only
+        nll_sum, tokens = sft_loss_sum(logits, labels)
         return nll_sum, {"tokens": float(tokens)}
 
     def evaluate(self):
