@@ -174,7 +174,9 @@ class Ours:
         config = DPOConfig(name="dpo", batch_size=pairs, lr=LR, beta=BETA, max_grad_norm=None, lr_schedule="constant",
                            precompute_ref_logprobs=precompute,
                            lora=LoraConfig(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, preset="language"))
-        ctx = RunContext(accelerator=None, output_dir=workdir)
+        from accelerate import Accelerator
+
+        ctx = RunContext(accelerator=Accelerator(cpu=True, mixed_precision="no"), output_dir=workdir, seed=0)
         self.stage = DPOStage(config, self.policy, ctx, train_examples=pool, eval_examples=[])
         torch.manual_seed(0)
         self.stage.setup(None)
