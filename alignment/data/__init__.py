@@ -6,6 +6,8 @@ Example schema (what transforms produce and collators take):
   "kind": "author" | "title" | "genre" | "yesno" | "other"}``
 - preference: ``{"id", "image_id", "image", "question", "kind", "chosen": str, "rejected": str,
   "answer": str}`` where ``answer`` is the concise correct answer when known, else ``chosen``.
+- an example showing several images carries ``"images": [PIL.Image, ...]`` (placeholder order) in place of
+  ``"image"``; a preference pair's two rows share all of them.
 
 Loaded examples also carry provenance: ``source`` (file), ``row`` (index in it) and ``split``
 (the row's split tag or None). Images stay undecoded until ``validate_examples``.
