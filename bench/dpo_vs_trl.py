@@ -79,7 +79,11 @@ SHAPES = {
     # The same 576 image tokens with tiny-llava's own small tower (0.2 of a row): the proportions
     # of a LLaVA with a small CLIP, where the language model dominates every step.
     "vision_heavy_small_tower": dict(image_size=336, vision={}, answer_tokens=None, pairs=2),
+    # The repo's real-geometry LLaVA stand-in (CLIP 336 px: 576 image tokens, Llama 3's 128,256-token
+    # vocabulary and ids, `<image>`, small widths): not run by default (`--shapes standin_llava`).
+    "standin_llava": dict(standin="standin-llava", image_size=336, vision={}, answer_tokens=None, pairs=2),
 }
+DEFAULT_SHAPES = ("text_heavy", "vision_heavy", "vision_heavy_small_tower")
 
 
 def image_macs(layers: int, patches: int, hidden: int, intermediate: int) -> float:
@@ -103,11 +107,15 @@ def llama32_11b_image_to_row_cost(tokens: int) -> float:
 
 # ----------------------------------------------------------------------------- models and data
 def build_checkpoint(shape: dict, folder: Path):
-    """Save a random tiny LLaVA (seed 0) and its processor for this shape; returns the folder."""
+    """Save a random tiny LLaVA (seed 0) and its processor for this shape (a stand-in: its cached folder);
+    returns the folder."""
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from alignment.models import llava, load_processor
+    from alignment.models import llava, load_processor, resolve_model_path
+
+    if "standin" in shape:
+        return Path(resolve_model_path(shape["standin"]))
 
     tokenizer = load_processor("tiny-llava").tokenizer
     config = llava.tiny_config(tokenizer)
@@ -151,12 +159,14 @@ def make_pairs(n: int, answer_tokens: int | None, tokenizer) -> list[dict]:
     return pairs
 
 
-def to_trl(example: dict) -> dict:
-    """Our preference example in TRL's standard (non-conversational) vision format."""
-    from alignment.data import render_completion, render_prompt
+def to_trl(example: dict, processor) -> dict:
+    """Our preference example in TRL's standard (non-conversational) vision format, rendered with the
+    processor's chat template and image placeholder as our collator renders it (`prompt_format`)."""
+    from alignment.data.prompts import prompt_format
 
-    return {"prompt": render_prompt(example["question"]), "chosen": render_completion(example["chosen"]),
-            "rejected": render_completion(example["rejected"]), "images": [example["image"]]}
+    fmt = prompt_format(processor)
+    return {"prompt": fmt.prompt(example["question"]), "chosen": fmt.completion(example["chosen"]),
+            "rejected": fmt.completion(example["rejected"]), "images": [example["image"]]}
 
 
 # ----------------------------------------------------------------------------- the two sides
@@ -288,13 +298,14 @@ class TRL:
         )
         peft_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=targets,
                                  bias="none", task_type="CAUSAL_LM")
-        dataset = datasets.Dataset.from_list([to_trl(e) for e in pool[:8]])
+        self.processor = processor
+        dataset = datasets.Dataset.from_list([to_trl(e, processor) for e in pool[:8]])
         self.trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
                                   peft_config=peft_config)
         self.model, self.optimizer, self.counter = adopt_lora(self.trainer, lora_state, LR)
 
     def collate(self, examples):
-        return self.trainer.data_collator([to_trl(e) for e in examples])
+        return self.trainer.data_collator([to_trl(e, self.processor) for e in examples])
 
     def step(self, inputs) -> float:
         loss = self.trainer.training_step(self.model, inputs)
@@ -440,7 +451,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="/tmp/vlm-align-bench/dpo_vs_trl.json")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per arm after warm-up (>= 20 for the record)")
-    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {list(SHAPES)}")
+    parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help=f"comma-separated subset of {list(SHAPES)}")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: steady figures on a CPU shared with other jobs)")
     parser.add_argument("--no-precompute", action="store_true", help="skip the ours+precompute_ref_logprobs arm")
