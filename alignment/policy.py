@@ -433,6 +433,11 @@ class MultimodalPolicy(nn.Module):
         """The batch's pixel tensors for its N images (the family's `PIXEL_KEYS`)."""
         return {k: batch[k] for k in self.family.PIXEL_KEYS if k in batch}
 
+    def _token_inputs(self, batch: dict) -> dict:
+        """The batch's token-aligned tensors the family's forward reads (its `TOKEN_KEYS`: Mllama's
+        cross-attention mask)."""
+        return {k: batch[k] for k in self.family.TOKEN_KEYS if k in batch}
+
     def encode_images(self, batch: dict) -> ImageFeatures:
         """The batch's N images encoded once, in one vision call (`ImageFeatures`: Mllama
         `[N, tiles*patches, hidden]` cross-attention states, LLaVA `[N, patches, hidden]`, Qwen merged
@@ -458,7 +463,7 @@ class MultimodalPolicy(nn.Module):
         """Causal-LM output for the batch's rows; `image_features` from `encode_images` skips the
         vision tower. With `hidden=True` the output carries `hidden_states` (last one used by heads).
         `logits_at`: positions `[W]` (or the last n) whose logits are computed; None: every position."""
-        kwargs = {k: batch[k] for k in self.family.TOKEN_KEYS if k in batch}
+        kwargs = self._token_inputs(batch)
         if logits_at is not None:
             kwargs["logits_to_keep"] = logits_at
         return self.family.forward_with_features(
@@ -540,7 +545,7 @@ class MultimodalPolicy(nn.Module):
         attention_mask = batch["attention_mask"]
         logits, state = self.family.prefill(
             self.model, batch["input_ids"], attention_mask, self._features(batch, image_features),
-            self._image_index(batch), **{k: batch[k] for k in self.family.TOKEN_KEYS if k in batch})
+            self._image_index(batch), **self._token_inputs(batch))
         if num_samples > 1:  # one prefill per prompt, then G rows each
             state = repeat_state(state, num_samples)
             logits, attention_mask = (x.repeat_interleave(num_samples, dim=0) for x in (logits, attention_mask))

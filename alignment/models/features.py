@@ -145,6 +145,16 @@ def repeat_state(state: dict, times: int) -> dict:
     return state
 
 
+def prefill_step(forward, model, input_ids, attention_mask, features, image_index, **extra):
+    """The prompt forward with a KV cache and 2-D text positions (Mllama, LLaVA), the LM head on the last
+    position only: `(logits [B, V], {"cache", "text_positions" [B, 1]})`. `forward` is the family's
+    `forward_with_features`; `extra` goes to it (Mllama's cross-attention mask)."""
+    positions = text_positions(attention_mask)
+    out = forward(model, input_ids, attention_mask, features, image_index, position_ids=positions, use_cache=True,
+                  logits_to_keep=1, **extra)
+    return out.logits[:, -1], {"cache": out.cache, "text_positions": positions[:, -1:]}
+
+
 def decode_step(model, state: dict, token: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
     """One KV-cache step for `token [B]` with 2-D text positions (Mllama, LLaVA): logits [B, V]; advances
     `state["text_positions"]` and `state["cache"]`; `extra` goes to the model (Mllama's mask column)."""

@@ -210,7 +210,8 @@ def forward_with_features(model, input_ids, attention_mask, features: PixelRows 
 
 def prefill(model, input_ids, attention_mask, features, image_index, **_):
     """The prompt forward with the model's KV cache and no position ids: `(logits [B, V], {"cache"})`."""
-    out = forward_with_features(model, input_ids, attention_mask, features, image_index, use_cache=True)
+    out = forward_with_features(model, input_ids, attention_mask, features, image_index, use_cache=True,
+                                logits_to_keep=1)
     return out.logits[:, -1], {"cache": out.cache}
 
 

@@ -16,7 +16,7 @@ from alignment.models.features import (
     default_image_index,
     flat_images,
     placeholder_ids,
-    text_positions,
+    prefill_step,
 )
 
 MODEL_TYPES = ("llava",)
@@ -145,10 +145,7 @@ def forward_with_features(model, input_ids, attention_mask, features: ImageFeatu
 
 def prefill(model, input_ids, attention_mask, features, image_index, **_):
     """The prompt forward with a KV cache: `(logits [B, V] at the last position, state)`."""
-    positions = text_positions(attention_mask)
-    out = forward_with_features(model, input_ids, attention_mask, features, image_index, position_ids=positions,
-                                use_cache=True)
-    return out.logits[:, -1], {"cache": out.cache, "text_positions": positions[:, -1:]}
+    return prefill_step(forward_with_features, model, input_ids, attention_mask, features, image_index)
 
 
 def decode(model, state: dict, token: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

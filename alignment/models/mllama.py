@@ -16,7 +16,7 @@ from alignment.models.features import (
     decode_step,
     default_image_index,
     placeholder_ids,
-    text_positions,
+    prefill_step,
 )
 
 MODEL_TYPES = ("mllama",)
@@ -149,13 +149,11 @@ def forward_with_features(model, input_ids, attention_mask, features: ImageFeatu
 def prefill(model, input_ids, attention_mask, features, image_index, cross_attention_mask=None, **_):
     """The prompt forward with a KV cache: `(logits [B, V] at the last position, state)`; the state keeps
     the cache, each row's last text position and its cross-attention mask column (images do not grow)."""
-    positions = text_positions(attention_mask)
-    out = forward_with_features(model, input_ids, attention_mask, features, image_index,
-                                cross_attention_mask=cross_attention_mask, position_ids=positions, use_cache=True)
-    state = {"cache": out.cache, "text_positions": positions[:, -1:]}
+    logits, state = prefill_step(forward_with_features, model, input_ids, attention_mask, features, image_index,
+                                 cross_attention_mask=cross_attention_mask)
     if cross_attention_mask is not None:
         state["cross_attention_mask"] = cross_attention_mask[:, -1:]
-    return out.logits[:, -1], state
+    return logits, state
 
 
 def decode(model, state: dict, token: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
