@@ -28,6 +28,7 @@ import torch
 
 from alignment.data.catalog import DEFAULT_INSTRUCTION
 from alignment.data.errors import DataValidationError
+from alignment.data.images import images_of
 from alignment.data.prompts import prompt_format
 
 IGNORE_INDEX = -100
@@ -46,12 +47,6 @@ def processor_family(processor: Any) -> str:
             return "llava"
     raise ValueError(f"unsupported processor {names[0]} (image processor {names[1]}); expected a "
                      "MllamaProcessor or a LlavaProcessor")
-
-
-def images_of(example: dict[str, Any]) -> list[Any]:
-    """An example's images, in placeholder order: its ``images`` list, else its one ``image``."""
-    images = example.get("images")
-    return list(images) if images is not None else [example["image"]]
 
 
 def _encode(processor: Any, texts: list[str], images: list[list[Any]], padding_side: str) -> dict[str, torch.Tensor]:

@@ -107,6 +107,16 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, bool]:
     return image.convert("RGB"), True
 
 
+def images_of(example: dict[str, Any]) -> list[Any]:
+    """An example's images, in placeholder order: its ``images`` list, else its one ``image``."""
+    return list(example["images"]) if "images" in example else [example.get("image")]
+
+
+def with_images(example: dict[str, Any], images: list[Any]) -> dict[str, Any]:
+    """``example`` showing ``images`` in place of its own, under the key it used (``images`` or ``image``)."""
+    return {**example, "images": list(images)} if "images" in example else {**example, "image": images[0]}
+
+
 def image_fingerprint(value: Any) -> str:
     """A stable id for a raw image value: the relative path, or a hash of its bytes or pixels."""
     if isinstance(value, dict):

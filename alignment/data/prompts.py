@@ -60,6 +60,13 @@ SEED_000 = PromptFormat(before=f"{BEGIN_OF_TEXT}{START_HEADER}user{END_HEADER}\n
                         after=f"{EOT}{START_HEADER}assistant{END_HEADER}\n\n", end_of_turn=EOT, image_token=IMAGE)
 
 
+def seed_000_format(n_images: int = 1, image_token: str = IMAGE) -> PromptFormat:
+    """Seed 000's Llama 3 format with ``n_images`` placeholders ``image_token`` (for a processor without a
+    chat template, or a bare tokenizer)."""
+    return PromptFormat(before=SEED_000.before.replace(IMAGE, image_token * n_images), after=SEED_000.after,
+                        end_of_turn=SEED_000.end_of_turn, image_token=image_token)
+
+
 def render_prompt(question: str, instruction: str = DEFAULT_INSTRUCTION, fmt: PromptFormat = SEED_000) -> str:
     """The user turn with one image and the open assistant header (an empty ``instruction`` is left out)."""
     return fmt.prompt(question, instruction)
@@ -100,8 +107,7 @@ def prompt_format(processor: Any, n_images: int = 1) -> PromptFormat:
     tokenizer = getattr(processor, "tokenizer", processor)
     template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
     if not template:
-        fmt = PromptFormat(before=SEED_000.before.replace(IMAGE, image_token * n_images), after=SEED_000.after,
-                           end_of_turn=SEED_000.end_of_turn, image_token=image_token)
+        fmt = seed_000_format(n_images, image_token)
     else:
         parts = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": _SENTINEL}]
         user = {"role": "user", "content": parts}

@@ -12,7 +12,7 @@ from typing import Any
 
 from alignment.data import catalog
 from alignment.data.covers import blank_cover
-from alignment.data.images import image_fingerprint
+from alignment.data.images import image_fingerprint, images_of, with_images
 
 KINDS = ("author", "title", "genre", "yesno", "other")
 
@@ -170,10 +170,9 @@ def image_blind(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     blanks: dict[tuple[int, int], Any] = {}
     blind = []
     for example in examples:
-        shown = example["images"] if "images" in example else [example["image"]]
-        sizes = [getattr(image, "size", None) for image in shown]
+        sizes = [getattr(image, "size", None) for image in images_of(example)]
         if None in sizes:
             raise TypeError(f"example {example.get('id')!r}: image is not decoded; run validate_examples first")
         blank = [blanks.setdefault(tuple(size), blank_cover(tuple(size))) for size in sizes]
-        blind.append({**example, "images": blank} if "images" in example else {**example, "image": blank[0]})
+        blind.append(with_images(example, blank))
     return blind

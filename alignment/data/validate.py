@@ -21,13 +21,14 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 from alignment.data.catalog import DEFAULT_INSTRUCTION
 from alignment.data.errors import DataValidationError, row_error
-from alignment.data.images import ImageProblem, open_image, to_rgb
-from alignment.data.prompts import SEED_000, PromptFormat, prompt_format
+from alignment.data.images import ImageProblem, images_of, open_image, to_rgb, with_images
+from alignment.data.prompts import prompt_format, seed_000_format
 
 Policy = Literal["error", "skip"]
 POLICIES = ("error", "skip")
@@ -89,28 +90,15 @@ def image_seq_length_of(processor: Any) -> int:
 
 
 def _length_tools(tokenizer: Any, image_seq_length: int | None) -> tuple[Any, int, Any]:
-    """(tokenizer, image_seq_length, prompt format); a processor gives its tokenizer, its image token
-    count and its chat template's format; a bare tokenizer seed 000's format and one token per image."""
-    def fmt(n_images: int) -> PromptFormat:  # seed 000's format with one placeholder per image
-        return SEED_000 if n_images == 1 else PromptFormat(
-            before=SEED_000.before.replace(SEED_000.image_token, SEED_000.image_token * n_images),
-            after=SEED_000.after, end_of_turn=SEED_000.end_of_turn, image_token=SEED_000.image_token)
-
+    """(tokenizer, image_seq_length, ``fmt(n_images)`` -> PromptFormat); a processor gives its tokenizer, its
+    image token count and its chat template's formats; a bare tokenizer seed 000's and one token per image."""
+    fmt = seed_000_format
     if hasattr(tokenizer, "tokenizer") and hasattr(tokenizer, "image_processor"):
-        processor = tokenizer
-
-        def fmt(n_images: int) -> PromptFormat:
-            return prompt_format(processor, n_images)
-
+        fmt = partial(prompt_format, tokenizer)
         if image_seq_length is None:
             image_seq_length = image_seq_length_of(tokenizer)
         tokenizer = tokenizer.tokenizer
     return tokenizer, 1 if image_seq_length is None else image_seq_length, fmt
-
-
-def _shown(example: dict[str, Any]) -> list[Any]:
-    """An example's raw images: its ``images`` list, else its one ``image``."""
-    return list(example["images"]) if "images" in example else [example.get("image")]
 
 
 def _text_problem(example: dict[str, Any]) -> tuple[str, str, str, str] | None:
@@ -134,7 +122,7 @@ def _length_problem(example: dict[str, Any], tokenizer: Any, max_length: int | N
     ``fmt(n_images)`` gives the prompt format of a turn with that many images."""
     if max_length is None:
         return None
-    n_images = len(_shown(example))
+    n_images = len(images_of(example))
     turn = fmt(n_images)
     prompt = turn.prompt(example["question"], instruction)
     names = ("chosen", "rejected") if "chosen" in example else ("answer",)
@@ -181,7 +169,7 @@ def validate_examples(
     for index, example in enumerate(examples):
         report.total += 1
         images = []
-        for raw in _shown(example):
+        for raw in images_of(example):
             key = raw if isinstance(raw, str | os.PathLike) else id(raw)  # rows of one cover share it
             if key not in decoded:
                 try:
@@ -198,7 +186,7 @@ def validate_examples(
         if problem is None:
             report.converted_to_rgb += sum(image[1] for image in images)
             rgb = [image[0] for image in images]
-            kept.append({**example, "images": rgb} if "images" in example else {**example, "image": rgb[0]})
+            kept.append(with_images(example, rgb))
         elif policy == "error":
             reason, name, what, fix = problem
             raise row_error(example.get("source", "<examples>"), example.get("row", index), name, what, fix)
