@@ -191,6 +191,7 @@ class DPOConfig(StageConfig):
     rpo_alpha: float = 0.0  # weight of the chosen answers' per-token NLL added to the loss (RPO; 0: plain DPO)
     precompute_ref_logprobs: bool = False  # one reference pass before training (over the batches training will see)
     disable_dropout: bool = True  # dropout (LoRA's too) off for the stage, as TRL does: step 0's log-ratio is exactly 0
+    share_prefix: bool = True  # each pair one row: image + prompt through the language model once (Mllama, LLaVA, Qwen-VL)
     lora: LoraConfig = field(default_factory=LoraConfig)  # used when no adapter is inherited
 
     def __post_init__(self):
@@ -227,6 +228,7 @@ class RewardConfig(StageConfig):
     margin: float | None = None  # Bradley-Terry margin every pair must exceed (None: 0)
     center_rewards: float = 0.0  # weight of mean((r_c + r_r)^2): one reward scale across prompts (TRL's 0.01)
     init_from_previous: bool = True  # start the `reward` adapter from the previous stage's (SFT's) LoRA weights
+    share_prefix: bool = True  # each pair one row: image + prompt through the language model once (Mllama, LLaVA, Qwen-VL)
     lora: LoraConfig = field(default_factory=LoraConfig)  # the `reward` adapter when it starts fresh
 
     def __post_init__(self):

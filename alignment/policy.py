@@ -34,6 +34,8 @@ from torch import nn
 from alignment.losses import sequence_logprobs
 from alignment.models import family_of, load_model, load_processor
 from alignment.models.features import ImageFeatures, repeat_state
+from alignment.models.shared_prefix import ATTENTION_KINDS, attention_mask_for, is_right_padded
+from alignment.models.shared_prefix import share_prefix as pack_pairs
 
 PRESETS = ("language", "cross_attention", "vision", "multimodal", "all")
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -499,11 +501,81 @@ class MultimodalPolicy(nn.Module):
         labelled window only (`windowed_logits`) and upcast one row at a time (`gather_logprobs`).
         """
         logits, labels, start = self.windowed_logits(batch, image_features)
-        window_mask = (labels != -100).float()
-        window_logprobs, seq_logprobs = sequence_logprobs(logits, labels.clamp(min=0), window_mask)
-        columns = batch["labels"].shape[1] - 1
-        token_logprobs = nn.functional.pad(window_logprobs, (start, columns - start - window_logprobs.shape[1]))
-        return token_logprobs, seq_logprobs, (batch["labels"][:, 1:] != -100).float()
+        return _window_logprobs(batch, logits, labels, start)
+
+    # ------------------------------------------------- preference pairs, shared prefix
+    def shares_prefix(self) -> bool:
+        """Whether a preference pair can run as one row (`alignment.models.shared_prefix`): the family carries
+        positions over, and the attention implementation takes a custom mask (SDPA, eager)."""
+        kind = getattr(self.config.get_text_config(), "_attn_implementation", None)
+        return bool(getattr(self.family, "SHARES_PREFIX", False)) and kind in ATTENTION_KINDS
+
+    def _pairs_packed(self, batch: dict, share: bool):
+        """The batch's pairs as one row each, or None where they run as two rows (not asked, not supported)."""
+        if not (share and "num_pairs" in batch and self.shares_prefix() and is_right_padded(batch["attention_mask"])):
+            return None
+        return pack_pairs(batch["input_ids"], batch["attention_mask"], batch["num_pairs"])
+
+    def _packed_forward(self, batch: dict, packed, image_features, hidden: bool = False, logits_at=None):
+        """The causal-LM output over the packed rows `[P, S]`: each token at its own row's position (2-D or
+        M-RoPE, from the family), the block mask of `packed.allowed`, token-aligned inputs carried over."""
+        features = self._features(batch, image_features)
+        index = self._image_index(batch)
+        positions = self.family.position_ids(self.model, batch["input_ids"], batch["attention_mask"], features, index)
+        kwargs = {key: packed.gather(value) for key, value in self._token_inputs(batch).items()}
+        if logits_at is not None:
+            kwargs["logits_to_keep"] = logits_at
+        kind = self.config.get_text_config()._attn_implementation
+        return self.family.forward_with_features(
+            self.model,
+            input_ids=packed.input_ids,
+            attention_mask=attention_mask_for(packed.allowed, kind, self._compute_dtype()),
+            features=features,
+            image_index=index[: packed.num_pairs],  # a pair's rows show the same images
+            position_ids=packed.gather(positions, row_dim=positions.dim() - 2),
+            output_hidden_states=hidden,
+            use_cache=False,
+            **kwargs,
+        )
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype activations are in: autocast's when it is on, else the embeddings'."""
+        device = self.device.type
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return self.base_model.get_input_embeddings().weight.dtype
+
+    def pair_logprobs(self, batch: dict, image_features: ImageFeatures | None = None, share_prefix: bool = True):
+        """`completion_logprobs` of a preference batch (rows 0..P-1 chosen, P..2P-1 rejected), each pair's
+        image + prompt prefix through the language model once (one packed row per pair) where the family and
+        attention allow it; the same values and gradients as two rows, up to float rounding."""
+        packed = self._pairs_packed(batch, share_prefix)
+        labels = batch["labels"]
+        counted = labels[:, 1:] != -100  # [2P, T-1]: position t predicts a counted token t+1
+        if packed is None or not bool(counted.any()):
+            return self.completion_logprobs(batch, image_features)
+        columns = counted.any(dim=0).nonzero().flatten()
+        start, end = int(columns[0]), int(columns[-1]) + 2
+        needed = packed.packed_pos[:, :-1][counted]
+        low, high = int(needed.min()), int(needed.max()) + 1
+        out = self._packed_forward(batch, packed, image_features,
+                                   logits_at=torch.arange(low, high, device=labels.device))
+        where = (packed.packed_pos[:, start:end] - low).clamp(0, high - low - 1)  # [2P, W]
+        logits = out.logits[packed.pair_of_row()[:, None], where]  # [2P, W, V]: each row's window, as two rows give it
+        return _window_logprobs(batch, logits, labels[:, start:end], start)
+
+    def pair_sequence_scores(self, batch: dict, head: str, image_features: ImageFeatures | None = None,
+                             share_prefix: bool = True) -> torch.Tensor:
+        """`sequence_scores` of a preference batch's 2P rows, each pair's prefix run once (see `pair_logprobs`)."""
+        packed = self._pairs_packed(batch, share_prefix)
+        if packed is None:
+            return self.sequence_scores(batch, head, image_features)
+        out = self._packed_forward(batch, packed, image_features, hidden=True, logits_at=1)
+        last = batch["attention_mask"].long().cumsum(-1).argmax(-1)  # [2P]
+        where = packed.packed_pos.gather(1, last[:, None]).squeeze(1)
+        hidden = out.hidden_states[-1][packed.pair_of_row(), where]  # [2P, H]
+        return self.heads[head](hidden.float()).squeeze(-1)
+
 
     def head_values(self, batch: dict, head: str, image_features: ImageFeatures | None = None) -> torch.Tensor:
         """Scalar head `head` on every position's last hidden state: values [B, T] (float32).
@@ -599,6 +671,15 @@ class MultimodalPolicy(nn.Module):
             cut = next((i for i, t in enumerate(row) if t in stops), len(row))
             texts.append(self.processor.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
         return texts
+
+
+def _window_logprobs(batch: dict, logits: torch.Tensor, labels: torch.Tensor, start: int):
+    """`completion_logprobs`' triple from logits `[B, W, V]` over positions `start .. start+W-1` and their
+    labels `[B, W]`: token log-probs padded back to `[B, T-1]`, their sum per row, the completion mask."""
+    window_logprobs, seq_logprobs = sequence_logprobs(logits, labels.clamp(min=0), (labels != -100).float())
+    columns = batch["labels"].shape[1] - 1
+    token_logprobs = nn.functional.pad(window_logprobs, (start, columns - start - window_logprobs.shape[1]))
+    return token_logprobs, seq_logprobs, (batch["labels"][:, 1:] != -100).float()
 
 
 def _all_finished(finished: torch.Tensor, synced: bool) -> bool:

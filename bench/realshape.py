@@ -1,6 +1,8 @@
 """Training steps at real geometry: s/step and peak RSS of one SFT, DPO and PPO-update step on the
 repo's real-geometry stand-ins (random weights, CPU), with the LM head over every position ("full",
-how the library ran before issue #20) and over the answer window only ("window", `windowed_logits`).
+how the library ran before issue #20), over the answer window only ("window", `windowed_logits`), and
+for DPO also with each pair as one packed row ("prefix", `pair_logprobs`: the image + prompt prefix
+through the language model once per pair).
 
     python bench/realshape.py [--models standin-llava standin-mllama standin-qwen25vl] [--steps 3]
                               [--out bench/results/realshape_cpu.json]
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, median, print_table, quiet_offline_env, today, versions, write_json  # noqa: E402
 
 STAGES = ("sft", "dpo", "ppo")
-VARIANTS = ("full", "window")
+VARIANTS = ("full", "window", "prefix")  # "prefix": DPO only
 
 
 def _full_window(policy, batch, image_features=None):
@@ -74,8 +76,8 @@ def one(model: str, stage: str, variant: str, steps: int) -> dict:
             with torch.no_grad():
                 features = policy.encode_images(batch)
                 with policy.reference():
-                    ref = policy.completion_logprobs(batch, features)[1]
-            logps = policy.completion_logprobs(batch, features)[1]
+                    ref = policy.pair_logprobs(batch, features, share_prefix=variant == "prefix")[1]
+            logps = policy.pair_logprobs(batch, features, share_prefix=variant == "prefix")[1]
             n = batch["num_pairs"]
             loss = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:])[0].sum()
         else:
@@ -113,7 +115,7 @@ def main() -> int:
     rows = []
     for model in args.models:
         for stage in args.stages:
-            for variant in VARIANTS:
+            for variant in VARIANTS if stage == "dpo" else VARIANTS[:2]:
                 done = subprocess.run([sys.executable, __file__, "--one", model, stage, variant, "--steps",
                                        str(args.steps)], capture_output=True, text=True, check=True)
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -121,13 +123,13 @@ def main() -> int:
     table = []
     for model in args.models:
         for stage in args.stages:
-            full, window = ({r["variant"]: r for r in rows if r["model"] == model and r["stage"] == stage}[v]
-                            for v in VARIANTS)
+            runs = {r["variant"]: r for r in rows if r["model"] == model and r["stage"] == stage}
+            full, window, prefix = runs["full"], runs["window"], runs.get("prefix")
             table.append([model, stage, f"{full['rows']} x {full['tokens']}", full["s_per_step"], window["s_per_step"],
-                          round(window["s_per_step"] / full["s_per_step"], 2), full["peak_rss_gb"],
-                          window["peak_rss_gb"], round(window["peak_rss_gb"] / full["peak_rss_gb"], 2)])
-    print_table(table, ["model", "step", "rows x tokens", "full s", "window s", "ratio", "full RSS GB",
-                              "window RSS GB", "ratio"])
+                          prefix["s_per_step"] if prefix else "", full["peak_rss_gb"], window["peak_rss_gb"],
+                          prefix["peak_rss_gb"] if prefix else ""])
+    print_table(table, ["model", "step", "rows x tokens", "full s", "window s", "prefix s", "full RSS GB",
+                        "window RSS GB", "prefix RSS GB"])
     write_json(args.out, {"date": today(), "machine": machine(), "versions": versions("torch", "transformers"),
                           "steps": args.steps, "rows": rows})
     return 0

@@ -32,6 +32,7 @@ from alignment.models.features import move_tensor, padded_cat, placeholder_ids
 MODEL_TYPES = ()  # serves, through the registry, any image-text-to-text model type without a family file
 TINY_MODELS = {"tiny-idefics3": "idefics3"}
 SHARES_FEATURES = False
+SHARES_PREFIX = False  # positions and masks are the model's own business: pairs stay two rows
 MAX_IMAGES_PER_ROW = None
 # Pixel inputs indexed per entry along dim 0 (see the module docstring).
 PIXEL_KEYS = ("pixel_values", "pixel_attention_mask", "pixel_mask", "image_sizes")

@@ -17,11 +17,13 @@ from alignment.models.features import (
     flat_images,
     placeholder_ids,
     prefill_step,
+    text_positions,
 )
 
 MODEL_TYPES = ("llava",)
 TINY_MODELS = {"tiny-llava": "llava"}
 SHARES_FEATURES = True
+SHARES_PREFIX = True  # preference pairs run as one row each (`shared_prefix`)
 MAX_IMAGES_PER_ROW = None
 PIXEL_KEYS = ("pixel_values",)
 TOKEN_KEYS = ()
@@ -141,6 +143,11 @@ def forward_with_features(model, input_ids, attention_mask, features: ImageFeatu
     """Forward over rows whose placeholders take the images `image_index` ([B] or [B, K], -1 = empty slot)."""
     return model(inputs_embeds=_embeds(model, input_ids, features, image_index), attention_mask=attention_mask,
                  **kwargs)
+
+
+def position_ids(model, input_ids, attention_mask, features, image_index, **_) -> torch.Tensor:
+    """The positions the model gives rows `[B, T]` of itself: `[B, T]` real tokens counted from 0."""
+    return text_positions(attention_mask)
 
 
 def prefill(model, input_ids, attention_mask, features, image_index, **_):

@@ -17,11 +17,13 @@ from alignment.models.features import (
     default_image_index,
     placeholder_ids,
     prefill_step,
+    text_positions,
 )
 
 MODEL_TYPES = ("mllama",)
 TINY_MODELS = {"tiny-mllama": "mllama"}
 SHARES_FEATURES = True
+SHARES_PREFIX = True  # preference pairs run as one row each (`shared_prefix`)
 MAX_IMAGES_PER_ROW = 1  # the cross-attention mask [B, T, 1, tiles] has one image slot
 PIXEL_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
 TOKEN_KEYS = ("cross_attention_mask",)  # [B, T, 1, tiles], aligned with the tokens
@@ -144,6 +146,11 @@ def forward_with_features(model, input_ids, attention_mask, features: ImageFeatu
         cross_attention_mask=cross_attention_mask,
         **kwargs,
     )
+
+
+def position_ids(model, input_ids, attention_mask, features, image_index, **_) -> torch.Tensor:
+    """The positions the model gives rows `[B, T]` of itself: `[B, T]` real tokens counted from 0."""
+    return text_positions(attention_mask)
 
 
 def prefill(model, input_ids, attention_mask, features, image_index, cross_attention_mask=None, **_):

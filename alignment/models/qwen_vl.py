@@ -35,6 +35,7 @@ from alignment.models.features import (
 MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
 TINY_MODELS = {"tiny-qwen25vl": "qwen2_5_vl", "tiny-qwen3vl": "qwen3_vl"}
 SHARES_FEATURES = True
+SHARES_PREFIX = True  # preference pairs run as one row each (`shared_prefix`), M-RoPE positions carried over
 MAX_IMAGES_PER_ROW = None
 PIXEL_KEYS = ("pixel_values", "image_grid_thw")
 TOKEN_KEYS = ()  # mm_token_type_ids is derived from input_ids
@@ -274,20 +275,39 @@ def _encoder_outputs(features: ImageFeatures, images: torch.Tensor):
     return BaseModelOutputWithDeepstackFeatures(pooler_output=pooler, deepstack_features=deepstack)
 
 
-def _forward(model, input_ids, attention_mask, features: ImageFeatures | None, image_index, **kwargs):
-    """`(output, rope_deltas [B, 1])` of rows whose placeholders take images `image_index`."""
+def _row_images(features: ImageFeatures | None, image_index, input_ids) -> torch.Tensor | None:
+    """The images the rows' placeholders take, in placeholder order (None: no image)."""
+    if features is None:
+        return None
+    index = image_index if image_index is not None else default_image_index(input_ids.shape[0], input_ids.device)
+    images = flat_images(index).to(features.device)
+    return images if len(images) else None
+
+
+def _rope_index(model, input_ids, attention_mask, features, images):
+    """`(position_ids [3, B, T], rope_deltas [B, 1])`: the M-RoPE positions of rows taking images `images`."""
     core = inner_model(model)
-    if kwargs.pop("position_ids", None) is not None:  # 2-D text positions would silently turn M-RoPE off
-        raise TypeError("Qwen-VL rows get their M-RoPE position_ids from their image grids; do not pass them")
-    images = None
-    if features is not None:
-        index = image_index if image_index is not None else default_image_index(input_ids.shape[0], input_ids.device)
-        images = flat_images(index).to(features.device)
-        images = images if len(images) else None
     types = (input_ids == core.config.image_token_id).int()
     grid = None if images is None else features.grid_thw[images]
-    position_ids, rope_deltas = core.get_rope_index(input_ids, mm_token_type_ids=types, image_grid_thw=grid,
-                                                    attention_mask=attention_mask)
+    return core.get_rope_index(input_ids, mm_token_type_ids=types, image_grid_thw=grid, attention_mask=attention_mask)
+
+
+def position_ids(model, input_ids, attention_mask, features, image_index, **_) -> torch.Tensor:
+    """The M-RoPE positions `[3, B, T]` the model gives rows `[B, T]` taking images `image_index` (as
+    `forward_with_features` computes them; pass them back to it for rows laid out differently)."""
+    images = _row_images(features, image_index, input_ids)
+    return _rope_index(model, input_ids, attention_mask, features, images)[0]
+
+
+def _forward(model, input_ids, attention_mask, features: ImageFeatures | None, image_index, **kwargs):
+    """`(output, rope_deltas [B, 1])` of rows whose placeholders take images `image_index`."""
+    position_ids = kwargs.pop("position_ids", None)
+    if position_ids is not None and position_ids.dim() != 3:  # 2-D text positions would silently turn M-RoPE off
+        raise TypeError("Qwen-VL rows take M-RoPE position_ids [3, B, T] (see `position_ids`), not 2-D ones")
+    images = _row_images(features, image_index, input_ids)
+    rope_deltas = None
+    if position_ids is None:
+        position_ids, rope_deltas = _rope_index(model, input_ids, attention_mask, features, images)
     if images is not None:
         kwargs["mm_encoder_outputs"] = {"image": _encoder_outputs(features, images)}
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)

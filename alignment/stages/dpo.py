@@ -3,7 +3,9 @@
 Policy and reference share one base: the reference is a frozen copy of the adapter DPO starts
 from (SFT's), or the bare base when there is none. Chosen and rejected rows go through one
 forward, and each pair's image is encoded once and shared by policy and reference whenever no
-adapter touches the vision tower (its features are then identical for both).
+adapter touches the vision tower (its features are then identical for both). With `share_prefix`
+(the default) each pair is one packed row, its image + prompt prefix through the language model
+once (`alignment.models.shared_prefix`).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class DPOStage(Stage):
             chosen, rejected = zip(*pairs)
             return torch.tensor(chosen + rejected, device=self.policy.device)
         with torch.no_grad(), self.policy.reference():
-            return self.policy.completion_logprobs(batch, features)[1]
+            return self.policy.pair_logprobs(batch, features, self.config.share_prefix)[1]
 
     def before_training(self):
         """With `precompute_ref_logprobs`, the reference's log-probs of every training pair, computed
@@ -77,14 +79,14 @@ class DPOStage(Stage):
                 batch = self.collate(chunk)
                 _, ref_features = self._encode(batch)
                 with self.policy.reference():
-                    logps = self.policy.completion_logprobs(batch, ref_features)[1].tolist()
+                    logps = self.policy.pair_logprobs(batch, ref_features, self.config.share_prefix)[1].tolist()
                 n = batch["num_pairs"]
                 self.reference_logps.update({i: (logps[k], logps[n + k]) for k, i in enumerate(batch["ids"])})
 
     def _pair_rewards(self, batch):
         """Per-pair DPO losses [P], chosen and rejected rewards [P], chosen per-token NLL [P]."""
         policy_features, reference_features = self._encode(batch)
-        _, logps, mask = self.policy.completion_logprobs(batch, policy_features)
+        _, logps, mask = self.policy.pair_logprobs(batch, policy_features, self.config.share_prefix)
         ref = self._reference_logps(batch, reference_features)
         n = batch["num_pairs"]
         losses, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=self.config.beta,

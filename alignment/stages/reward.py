@@ -81,14 +81,15 @@ class RewardModelStage(Stage):
         return batch["num_pairs"]
 
     def pair_rewards(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen [P], rejected [P]) rewards; each pair's image is encoded once for both rows."""
+        """(chosen [P], rejected [P]) rewards; each pair's image is encoded once for both rows, and with
+        `share_prefix` its image + prompt prefix runs through the language model once."""
         with self.policy.use_adapter(ADAPTER):
             if self.policy.vision_adapted_by(ADAPTER):
                 features = self.policy.encode_images(batch)
             else:
                 with torch.no_grad():
                     features = self.policy.encode_images(batch)
-            rewards = self.policy.sequence_scores(batch, ADAPTER, features)
+            rewards = self.policy.pair_sequence_scores(batch, ADAPTER, features, self.config.share_prefix)
         n = batch["num_pairs"]
         return rewards[:n], rewards[n:]
 
