@@ -54,17 +54,18 @@ class LoraConfig:
     """PEFT settings of the trained adapters (a stage's `lora:` block): LoRA by default, or another
     method of the PEFT menu (`alignment/adapters/menu.py`) picked by `method`."""
 
-    method: str = "lora"  # lora | qlora | dora | ia3 | loha | lora_fa | bitfit | prompt_tuning | bottleneck
+    method: str = "lora"  # lora | qlora | dora | ia3 | loha | lora_fa | bitfit | prompt_tuning | bottleneck | prefix_tuning | tinytl | full
     r: int = 16  # rank (lora, qlora, dora, loha, lora_fa)
     alpha: int = 32  # scaling numerator (scale = alpha / r)
     dropout: float = 0.0  # dropout on the adapter's input (lora family, bottleneck)
     preset: str = "language"  # where: language | cross_attention | vision | multimodal | all
     lm_head: bool = False  # lora family: also a LoRA on the output head (lets a frozen head grow confident)
-    dim: int = 16  # bottleneck: adapter dimension d (seed 003's best: 16)
-    groups: int = 2  # bottleneck: groups k of the up-projection (seed 003's best: 2); divides dim
+    dim: int = 16  # bottleneck: adapter dimension d (seed 003's best: 16); tinytl: branch width; prefix MLP width
+    groups: int = 2  # bottleneck: groups k of the up-projection (seed 003's best: 2); tinytl: norm groups; divides dim
     scale: float = 1.0  # bottleneck: fixed scale of the adapter's output
     visual_dim: int | None = None  # bottleneck: SwiGLU visual adapter width d_v in place of the projector (None: off)
-    num_virtual_tokens: int = 8  # prompt_tuning: trainable prompt length
+    num_virtual_tokens: int = 8  # prompt_tuning: trainable prompt length; prefix_tuning: prefix length
+    prefix_projection: bool = False  # prefix_tuning: the prefix through PEFT's reparameterisation MLP (width dim)
 
     def __post_init__(self):
         from alignment.adapters.menu import METHODS
@@ -148,8 +149,10 @@ class StageConfig:
     lr_schedule: str = "cosine"  # cosine | linear | constant, after warmup
     warmup_steps: int = 0  # linear warmup steps
     min_lr_ratio: float = 0.1  # final lr as a fraction of the peak (cosine, linear)
-    weight_decay: float = 0.0  # AdamW weight decay
-    max_grad_norm: float | None = 1.0  # gradient clipping; None disables it
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW's; LOMO and MeZO apply it alike)
+    max_grad_norm: float | None = 1.0  # gradient clipping; None disables it (lomo: a second pass; mezo: ignored)
+    optimizer: str = "adamw"  # adamw | lomo (SGD fused into backward, no state) | mezo (two no-grad forwards a step)
+    mezo_eps: float = 1e-3  # mezo: perturbation scale eps of the two-point gradient estimate
     log_every: int = 5  # steps between logged scalars
     save_every: int = 50  # steps between checkpoints
     keep_checkpoints: int = 2  # newest complete checkpoints kept
@@ -168,6 +171,11 @@ class StageConfig:
         _check(self.warmup_steps >= 0, f"stages.{self.name}.warmup_steps", "must be >= 0")
         _check(0 <= self.min_lr_ratio <= 1, f"stages.{self.name}.min_lr_ratio", "must be in [0, 1]")
         _check(self.eval_examples >= 0, f"stages.{self.name}.eval_examples", "must be >= 0")
+        from alignment.optimizers import OPTIMIZERS
+
+        _check(self.optimizer in OPTIMIZERS, f"stages.{self.name}.optimizer",
+               f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _check(self.mezo_eps > 0, f"stages.{self.name}.mezo_eps", f"must be > 0, got {self.mezo_eps!r}")
 
 
 @dataclass

@@ -51,7 +51,7 @@ def merge_adapter(model_name: str, adapter_dir: str | os.PathLike, out_dir: str 
     if own_method == "base_weights":
         raise MergeError(f"{adapter_dir} holds a projector stage's base weights; merge the folder of the stage "
                          "after it (its adapter carries them)")
-    if own_method is not None:
+    if own_method not in (None, "full"):
         raise MergeError(f"{adapter_dir} holds a {own_method} adapter, which lives beside the base weights and "
                          "does not merge into them; load it with the base (vlm-align eval / generate) instead")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -61,7 +61,8 @@ def merge_adapter(model_name: str, adapter_dir: str | os.PathLike, out_dir: str 
     policy = MultimodalPolicy.from_pretrained(model_name, quantization="none", dtype=torch_dtype,
                                               trust_remote_code=trust_remote_code)
     policy.load_adapter("policy", adapter_dir, trainable=False)
-    model = policy.model.merge_and_unload(safe_merge=True)
+    # full fine-tuning's weights are the base's own once loaded: nothing to merge
+    model = policy.base_model if own_method == "full" else policy.model.merge_and_unload(safe_merge=True)
     leftover = [n for n, _ in model.named_modules() if "lora_" in n]
     if leftover:
         raise RuntimeError(f"LoRA layers left after merging: {leftover[:3]}")

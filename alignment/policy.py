@@ -52,7 +52,7 @@ PEFT_TYPES = {"ia3": "IA3", "loha": "LOHA"}  # menu method -> PEFT's peft_type w
 class LoraSpec:
     """Settings of one adapter: LoRA's, or another method's of the PEFT menu."""
 
-    method: str = "lora"  # lora | qlora | dora | ia3 | loha | lora_fa | bitfit | prompt_tuning | bottleneck
+    method: str = "lora"  # lora | qlora | dora | ia3 | loha | lora_fa | bitfit | prompt_tuning | bottleneck | prefix_tuning | tinytl | bitdelta | full
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
@@ -64,7 +64,8 @@ class LoraSpec:
     groups: int = 2  # bottleneck: groups k of the up-projection
     scale: float = 1.0  # bottleneck: fixed scale s of the adapter's output
     visual_dim: int | None = None  # bottleneck: SwiGLU visual adapter width d_v (None: keep the projector)
-    num_virtual_tokens: int = 8  # prompt_tuning: prompt length n
+    num_virtual_tokens: int = 8  # prompt_tuning, prefix_tuning: prompt / prefix length n
+    prefix_projection: bool = False  # prefix_tuning: through PEFT's reparameterisation MLP (width dim)
 
     def __post_init__(self):
         from alignment.adapters.menu import METHODS
@@ -387,7 +388,8 @@ class MultimodalPolicy(nn.Module):
         elif own_method is not None:
             if name not in self.adapters:
                 fields = {k: saved[k] for k in ("dim", "groups", "scale", "dropout", "preset", "visual_dim",
-                                                "num_virtual_tokens", "target_modules") if k in saved}
+                                                "num_virtual_tokens", "prefix_projection", "target_modules")
+                          if k in saved}
                 self.add_adapter(name, LoraSpec(method=own_method, **fields), trainable=trainable)
             self._own_of(name).load_state_of(name, state, str(folder))
         else:
@@ -508,7 +510,8 @@ class MultimodalPolicy(nn.Module):
         """Whether a preference pair can run as one row (`alignment.models.shared_prefix`): the family carries
         positions over, and the attention implementation takes a custom mask (SDPA, eager)."""
         kind = getattr(self.config.get_text_config(), "_attn_implementation", None)
-        return bool(getattr(self.family, "SHARES_PREFIX", False)) and kind in ATTENTION_KINDS
+        # prompt tuning prepends its virtual tokens to 2-D masks only
+        return bool(getattr(self.family, "SHARES_PREFIX", False)) and kind in ATTENTION_KINDS and "prompt_tuning" not in self.own
 
     def _pairs_packed(self, batch: dict, share: bool):
         """The batch's pairs as one row each, or None where they run as two rows (not asked, not supported)."""

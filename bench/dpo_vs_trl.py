@@ -9,8 +9,9 @@ prompt/chosen/rejected/images format), with AdamW at the same lr, beta 0.1, cons
 gradient clipping, fp32 on CPU. Steps are A/B interleaved (the order flips every step) and timed
 after warm-up; collation is done before timing for both sides and reported apart.
 
-Ours: `DPOStage.train_step` (chosen and rejected in one forward, each image encoded once and its
-features shared by policy and reference, reference = adapter off) + backward + AdamW step.
+Ours: `DPOStage.train_step` (each pair one packed row, its image + prompt prefix through the language
+model once (`share_prefix`), each image encoded once and its features shared by policy and reference,
+reference = adapter off) + backward + AdamW step.
 TRL 1.16: `trainer.training_step(model, inputs)` (policy forward with its fused LM head, reference
 forward with the adapter disabled, backward) + the same AdamW step. TRL re-encodes every image in
 each of its two forwards, for the chosen and the rejected row: 4 images through the tower per pair.

@@ -25,6 +25,9 @@ CASES = {
     "bitfit": (dict(preset="all"), lambda n: n.startswith("own.bitfit.")),
     "prompt_tuning": (dict(num_virtual_tokens=4), lambda n: n.startswith("own.prompt_tuning.")),
     "bottleneck": (dict(preset="language"), lambda n: n.startswith("own.bottleneck.")),
+    "prefix_tuning": (dict(num_virtual_tokens=4), lambda n: n.startswith("own.prefix_tuning.adapters.policy.")),
+    "tinytl": (dict(dim=8), lambda n: n.startswith("own.tinytl.adapters.policy.")),
+    "full": (dict(), lambda n: n.startswith("model.") and (".language_model." in n or ".lm_head." in n)),
 }
 
 
@@ -79,7 +82,7 @@ def test_only_intended_parameters_train_and_loss_drops(base, method):
 
 
 def test_every_menu_method_is_covered():
-    assert set(CASES) | {"qlora"} == set(METHODS)
+    assert set(CASES) | {"qlora", "bitdelta"} == set(METHODS)  # bitdelta: made by `vlm-align compress` (test_adapters_bitdelta.py)
 
 
 def test_refusals_name_the_key_and_the_fix():

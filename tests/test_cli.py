@@ -218,3 +218,88 @@ def test_dry_run_counts_llava_image_tokens_and_runs_a_real_batch(tmp_path, capsy
     assert main([*base, f"output_dir={tmp_path / 'b'}", "data.max_length=1024"]) == 0
     out = capsys.readouterr()
     assert "[dpo] real batch ok: 4 rows" in out.err + out.out and "576 vision tokens each" in out.err + out.out
+
+
+# ---- BitDelta (issue #21): `compress`, and several adapters served from one base (`--adapters`)
+@pytest.fixture(scope="module")
+def compressed(run, tmp_path_factory):
+    """The run's sft and dpo stages compressed to 1-bit deltas (3 distillation steps on 8 examples);
+    returns (folder of both, what each compress printed)."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("compressed")
+    printed = {}
+    for stage in ("sft", "dpo"):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["compress", str(run / stage), "--out", str(root / f"{stage}-1bit"), "--steps", "3",
+                         "--samples", "8", "--batch-size", "4"]) == 0
+        printed[stage] = out.getvalue()
+    return root, printed
+
+
+def test_compress_writes_a_one_bit_delta_under_a_tenth_of_the_bf16_delta(compressed):
+    import re
+
+    root, printed = compressed
+    for stage in ("sft", "dpo"):
+        sizes = re.search(r"bf16 ([\d,]+) bytes -> 1-bit ([\d,]+) bytes", printed[stage])
+        dense, onebit = (int(g.replace(",", "")) for g in sizes.groups())
+        assert onebit <= dense / 10, printed[stage]
+        assert "logit MSE to the fine-tune" in printed[stage] and f"--adapters {root / f'{stage}-1bit'}" in printed[stage]
+        config = json.loads((root / f"{stage}-1bit" / "adapter_config.json").read_text())
+        assert config["peft_type"] == "BITDELTA" and config["source_method"] == "lora"
+        assert config["distillation"]["steps"] == 3 and config["distillation"]["samples"] == 8
+        assert (root / f"{stage}-1bit" / "adapter_model.safetensors").stat().st_size <= dense / 10
+
+
+def test_eval_serves_several_adapters_from_one_base(run, compressed, tmp_path, capsys):
+    """Both 1-bit deltas on one base, evaluated in turn; a delta's numbers are the same alone or beside another."""
+    root, _ = compressed
+    both = f"{root / 'sft-1bit'},{root / 'dpo-1bit'}"
+    assert main(["eval", str(run / "sft"), "--adapters", both, "--out", str(tmp_path / "both.json")]) == 0
+    table = capsys.readouterr().out
+    assert "2 adapters on one base" in table and "sft_1bit" in table and "dpo_1bit" in table
+    result = json.loads((tmp_path / "both.json").read_text())
+    assert list(result["adapters"]) == ["sft_1bit", "dpo_1bit"] and result["data"]["examples"] == 4
+    for entry in result["adapters"].values():
+        assert {"exact_match", "mean_answer_words", "exact_match_blind"} <= set(entry["metrics"])
+    assert main(["eval", str(run / "sft"), "--adapters", str(root / "sft-1bit"), "--out", str(tmp_path / "one.json")]) == 0
+    alone = json.loads((tmp_path / "one.json").read_text())["adapters"]["sft_1bit"]
+    assert alone == result["adapters"]["sft_1bit"]
+
+
+def test_generate_answers_with_each_adapter_in_turn(run, compressed, tmp_path, capsys):
+    """One line per adapter; each is the answer that adapter gave the same cover in `eval --adapters`."""
+    root, _ = compressed
+    example = held_out(run, "sft")[0]
+    example["image"].save(tmp_path / "cover.png")
+    both = f"{root / 'sft-1bit'},{root / 'dpo-1bit'}"
+    assert main(["eval", str(run / "sft"), "--adapters", both, "--out", str(tmp_path / "m.json")]) == 0
+    samples = {name: entry["samples"][0]["prediction"]
+               for name, entry in json.loads((tmp_path / "m.json").read_text())["adapters"].items()}
+    capsys.readouterr()
+    assert main(["generate", str(run / "sft"), "--adapters", both, "--image", str(tmp_path / "cover.png"),
+                 "--question", example["question"]]) == 0
+    lines = [line.rstrip() for line in capsys.readouterr().out.rstrip("\n").split("\n")]
+    assert lines == [f"{name}: {answer}".rstrip() for name, answer in samples.items()]
+
+
+def test_compress_and_adapters_errors_are_one_line(run, compressed, tmp_path, capsys):
+    root, _ = compressed
+    with pytest.raises(SystemExit) as exit_:
+        main(["compress", "--help"])
+    assert exit_.value.code == 0 and "--steps" in capsys.readouterr().out
+    cases = [
+        (["compress", str(run / "sft"), "--out", str(root / "sft-1bit")], "not empty"),
+        (["compress", str(run / "sft"), "--out", str(run / "sft"), "--overwrite"], "stage's own folder"),
+        (["compress", str(run / "sft"), "--steps", "-1"], "--steps must be >= 0"),
+        (["eval", str(run / "sft"), "--adapters", f"{run / 'sft'},{root / 'sft-1bit'}"], "one kind"),
+        (["eval", str(run / "sft"), "--adapters", str(tmp_path / "nothing")], "no adapter_model.safetensors"),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, (argv, err)

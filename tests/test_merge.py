@@ -123,3 +123,21 @@ def test_merge_refuses_adapters_that_do_not_merge_with_a_clear_message(tmp_path,
     (folder / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(MergeError, match=message):
         merge_adapter("tiny-mllama", folder, tmp_path / "out")
+
+
+def test_a_full_fine_tune_merges_to_its_own_weights(tmp_path):
+    """`full`'s folder holds the trained text weights: the merged checkpoint is the base with them in place."""
+    from transformers import AutoModelForImageTextToText
+
+    from alignment.policy import LoraSpec, MultimodalPolicy
+
+    policy = MultimodalPolicy.from_pretrained("tiny-mllama")
+    policy.add_adapter("policy", LoraSpec(method="full"))
+    trained = next(p for p in policy.trainable_parameters() if p.dim() == 2)
+    with torch.no_grad():
+        trained.add_(0.5)
+    policy.save_adapter("policy", tmp_path / "sft")
+    out = merge_adapter("tiny-mllama", tmp_path / "sft", tmp_path / "merged", dtype="fp32")
+    merged = dict(AutoModelForImageTextToText.from_pretrained(out).named_parameters())
+    name = next(n for n, p in policy.base_model.named_parameters() if p is trained)
+    torch.testing.assert_close(merged[name], trained.detach(), atol=0, rtol=0)

@@ -84,3 +84,12 @@ def test_a_family_that_cannot_share_runs_two_rows(pairs):
     assert not policy.shares_prefix()
     batch = collate_preference(pairs, policy.processor)
     torch.testing.assert_close(policy.pair_logprobs(batch)[1], policy.completion_logprobs(batch)[1])
+
+
+def test_prompt_tuning_runs_pairs_as_two_rows(pairs):
+    """Prompt tuning's virtual tokens widen 2-D masks only: with it on, pairs stay two rows."""
+    policy = MultimodalPolicy.from_pretrained("tiny-mllama")
+    policy.add_adapter("policy", LoraSpec(method="prompt_tuning"))
+    assert not policy.shares_prefix()
+    batch = collate_preference(pairs, policy.processor)
+    torch.testing.assert_close(policy.pair_logprobs(batch)[1], policy.completion_logprobs(batch)[1])

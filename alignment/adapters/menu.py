@@ -11,10 +11,20 @@
 | bitfit        | the biases                                    | `adapters.bitfit`              | yes        |
 | prompt_tuning | n virtual-token embeddings [n, hidden]        | peft `PromptEmbedding` + hooks | yes        |
 | bottleneck    | seed 003's Bottleneck Adapter (+ visual)      | `adapters.bottleneck`          | yes        |
+| prefix_tuning | n key/value pairs per self-attention layer    | peft `PrefixEncoder` + hooks   | yes        |
+| tinytl        | a lite residual MLP per block + the biases    | `adapters.tinytl`              | yes        |
+| bitdelta      | 1-bit signs + one scale per linear (**)      | `vlm-align compress`           | yes        |
+| full          | the base's weights (text decoder), in place  | `adapters.full`                | no         |
 
 (*) PEFT's LoHa wraps a bitsandbytes `Linear4bit` (a `nn.Linear` subclass) but builds its update
 from the packed 4-bit weight's shape, and the forward fails (`mat1 and mat2 shapes cannot be
 multiplied (4x192 and 1x18432)` on tiny-mllama): a recipe with it on a 4-bit base is refused.
+
+(**) BitDelta compresses a trained stage's delta (`alignment/bitdelta.py`, `adapters.bitdelta`): made by
+`vlm-align compress RUN_DIR/STAGE`, loaded and served like the others; a stage does not train one.
+
+`full` is full-parameter fine-tuning (the memory-lean optimizers `lomo` / `mezo` of seed 001 are the
+stage's `optimizer:`); a quantised base stores weights that cannot be trained in full.
 
 LoRA-FA here freezes A, as the seed describes; PEFT's `LoraFAOptimizer` additionally projects
 B's gradient, which needs an optimizer swap the shared loop does not make.
@@ -25,9 +35,12 @@ from __future__ import annotations
 import re
 
 PEFT_METHODS = ("lora", "qlora", "dora", "ia3", "loha", "lora_fa")
-OWN_METHODS = ("bitfit", "prompt_tuning", "bottleneck")
+OWN_METHODS = ("bitfit", "prompt_tuning", "bottleneck", "prefix_tuning", "tinytl", "bitdelta", "full")
 METHODS = PEFT_METHODS + OWN_METHODS
-NOT_ON_4BIT = {"loha": "PEFT's LoHa cannot wrap bitsandbytes 4-bit layers"}
+NOT_ON_4BIT = {"loha": "PEFT's LoHa cannot wrap bitsandbytes 4-bit layers",
+               "full": "full fine-tuning updates the base weights, which a quantised base cannot train"}
+NOT_TRAINED = {"bitdelta": "bitdelta is not trained by a stage: train with lora (or another method), then "
+                            "`vlm-align compress RUN_DIR/STAGE` makes the 1-bit delta"}
 NEEDS_4BIT = {"qlora": "qlora is LoRA on the 4-bit base"}
 # Which PEFT parameter names belong to a tuner, and to which adapter: `.lora_A.policy.weight`,
 # `.lora_magnitude_vector.policy.weight`, `.ia3_l.policy`, `.hada_w1_a.policy`.
@@ -66,19 +79,25 @@ def peft_config(spec, targets: list[str]):
 def own_adapters_class(method: str):
     """The `OwnAdapters` subclass of a method PEFT does not provide."""
     from alignment.adapters.base_weights import BaseWeights
+    from alignment.adapters.bitdelta import BitDeltaAdapters
     from alignment.adapters.bitfit import BitFitAdapters
     from alignment.adapters.bottleneck import BottleneckAdapters
+    from alignment.adapters.full import FullAdapters
+    from alignment.adapters.prefix import PrefixAdapters
     from alignment.adapters.prompt import PromptAdapters
+    from alignment.adapters.tinytl import TinyTLAdapters
 
     classes = {"bitfit": BitFitAdapters, "prompt_tuning": PromptAdapters, "bottleneck": BottleneckAdapters,
-               "base_weights": BaseWeights}
+               "prefix_tuning": PrefixAdapters, "tinytl": TinyTLAdapters,
+               "base_weights": BaseWeights, "bitdelta": BitDeltaAdapters, "full": FullAdapters}
     return classes[method]
 
 
 def method_of_peft_type(peft_type: str) -> str | None:
     """The own method a saved `peft_type` names (None: a PEFT adapter)."""
     return {"BITFIT": "bitfit", "VLM_PROMPT_TUNING": "prompt_tuning", "BOTTLENECK": "bottleneck",
-            "BASE_WEIGHTS": "base_weights"}.get(peft_type)
+            "VLM_PREFIX_TUNING": "prefix_tuning", "TINYTL": "tinytl",
+            "BASE_WEIGHTS": "base_weights", "BITDELTA": "bitdelta", "FULL": "full"}.get(peft_type)
 
 
 def check_recipe(recipe) -> None:
@@ -91,6 +110,8 @@ def check_recipe(recipe) -> None:
         lora = getattr(stage, "lora", None)
         if lora is not None:
             check_method(lora.method, recipe.model.quantization, f"stages.{i}.lora.method")
+            if lora.method in NOT_TRAINED:
+                raise ConfigError(f"stages.{i}.lora.method: {NOT_TRAINED[lora.method]}")
         if stage.type == "projector" and seen_other:
             raise ConfigError(f"stages.{i}: a projector stage must come before the other stages (LLaVA's order: "
                               "projector, then sft)")

@@ -7,6 +7,11 @@ under accumulation and across ranks), the learning-rate schedule, gradient clipp
 guard, a progress bar, TensorBoard scalars, atomic checkpoints and resume. Backward, gradient
 synchronisation, clipping and the update go through a `StepEngine` (`engine.py`): one process, DDP,
 or a DeepSpeed ZeRO engine, as the accelerate launch config says.
+
+The stage's `optimizer:` picks the update (`alignment/optimizers.py`): AdamW; LOMO, which updates
+each parameter in backward (with clipping, in a second pass that measured the norm first); or MeZO,
+which needs no backward at all: `_zeroth_order_step` evaluates the step's loss twice under no_grad
+through the same `train_step`. LOMO and MeZO run in one process without DeepSpeed.
 """
 
 from __future__ import annotations
@@ -23,11 +28,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from alignment.config import StageConfig
+from alignment.config import ConfigError, StageConfig
+from alignment.optimizers import LOMO, MeZO, build_optimizer, set_torch_rng_state, step_seed, torch_rng_state
 from alignment.stages import checkpoint as ckpt
-from alignment.stages.engine import StepEngine, distributed_facts, zero3_gathered
+from alignment.stages.engine import StepEngine, distributed_facts, engine_kind, zero3_gathered
 from alignment.stages.schedule import lr_at
 from alignment.stages.stream import ExampleStream
+
+# Stages whose loss compares against `policy.reference()`: under full fine-tuning without a frozen
+# `reference` set, that is the weights the stage starts from, which the loop then keeps a copy of.
+REFERENCE_STAGES = ("dpo", "ppo", "grpo")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -174,6 +184,9 @@ class Stage:
             with torch.no_grad():
                 metrics = self.evaluate()
                 test = self.evaluate_on(self.test_examples) if self.test_examples else None
+        for model in self.trained_models():  # full fine-tuning: the next stage starts from these weights
+            if _full_sets(model) is not None:
+                _full_sets(model).drop_start()
         losses = [h["loss"] for h in self.history if "loss" in h]
         train = {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                  "skipped_nonfinite_steps": sum(h.get("skipped", 0) for h in self.history)}
@@ -196,7 +209,35 @@ class Stage:
         return gather_object([mine])
 
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        cfg = self.config
+        return build_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, cfg.mezo_eps)
+
+    def _check_trainable(self) -> None:
+        """Refuse what the loop cannot run: LOMO / MeZO beside DDP or DeepSpeed, and two sets of full
+        fine-tuning weights trained at once in one model (they would share its parameters)."""
+        cfg, ctx = self.config, self.ctx
+        kind = engine_kind(ctx.accelerator)
+        if cfg.optimizer != "adamw" and kind != "none":
+            raise ConfigError(f"stages.{cfg.name}.optimizer: {cfg.optimizer} runs in one process without DeepSpeed "
+                              f"(this launch: {kind}, {ctx.world_size} processes); use adamw, or launch one process")
+        for model in self.trained_models():
+            full = _full_sets(model)
+            trained = [n for n in full.names if n in model.trainable_adapters] if full is not None else []
+            if len(trained) > 1:
+                raise ConfigError(f"stages.{cfg.name}.lora.method: full fine-tuning trains one set of weights per "
+                                  f"model, and {trained} would all train; use a LoRA-family method (or "
+                                  "separate_models: true) for the second")
+
+    def _keep_start_weights(self) -> None:
+        """Full fine-tuning in a stage of `REFERENCE_STAGES` with no frozen `reference` set: its reference
+        is the bare base, the weights the stage starts from; copy them before a resume loads later ones
+        and before any update (`FullAdapters.keep_start`)."""
+        if self.type not in REFERENCE_STAGES:
+            return
+        for model in self.trained_models():
+            full = _full_sets(model)
+            if full is not None and model.reference_adapter() is None:
+                full.keep_start()
 
     def train(self) -> int:
         cfg, ctx = self.config, self.ctx
@@ -204,21 +245,25 @@ class Stage:
         params = [p for model in self.trained_models() for p in model.trainable_parameters()]
         if not params:
             raise RuntimeError(f"stage {cfg.name!r} has no trainable parameters")
+        self._check_trainable()
+        self._keep_start_weights()
         stream = ExampleStream(self.train_examples, cfg.batch_size, ctx.seed, ctx.rank, ctx.world_size)
         folder = self._resume_models(stream) if ctx.resume else None  # before an engine partitions them
         bf16 = getattr(ctx.accelerator, "mixed_precision", "no") == "bf16"
-        self.engine = StepEngine(ctx.accelerator, self.trained_models(), params, self._optimizer(params),
-                                 cfg.batch_size, cfg.max_grad_norm, bf16)
-        optimizer = self.engine.optimizer
-        step = self._resume_optimizer(folder, optimizer) if folder is not None else 0
-        self.stream = stream  # before_training may replay the batches to come (DPO's reference pass)
-        self.before_training()
-        writer = _writer(ctx.output_dir / "runs" / cfg.name, ctx.report_to, ctx.recipe_name) if ctx.is_main else None
-        bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.name, disable=not ctx.is_main, dynamic_ncols=True)
-        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
-        for model in self.trained_models():
-            model.train()
+        optimizer = self._optimizer(params)
+        writer = bar = previous_handler = None
         try:
+            self.engine = StepEngine(ctx.accelerator, self.trained_models(), params, optimizer,
+                                     cfg.batch_size, cfg.max_grad_norm, bf16)
+            optimizer = self.engine.optimizer
+            step = self._resume_optimizer(folder, optimizer) if folder is not None else 0
+            self.stream = stream  # before_training may replay the batches to come (DPO's reference pass)
+            self.before_training()
+            writer = _writer(ctx.output_dir / "runs" / cfg.name, ctx.report_to, ctx.recipe_name) if ctx.is_main else None
+            bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.name, disable=not ctx.is_main, dynamic_ncols=True)
+            previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+            for model in self.trained_models():
+                model.train()
             while step < cfg.max_steps:
                 tick = time.time()
                 record = self._optimizer_step(optimizer, params, stream, step)
@@ -241,7 +286,10 @@ class Stage:
                                "run again with resume=true to continue")
                     raise Interrupted(143)
         finally:
-            bar.close()
+            if isinstance(optimizer, LOMO):
+                optimizer.close()  # the parameters outlive the stage: they must stop updating in backward
+            if bar is not None:
+                bar.close()
             if writer is not None:
                 writer.close()
             if previous_handler is not None:
@@ -252,38 +300,97 @@ class Stage:
         cfg, ctx = self.config, self.ctx
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio)
+        lr = optimizer.param_groups[0]["lr"]
         batches = self.next_micro_batches(stream)
         ids = [i for b in batches for i in (b.get("ids", []) if isinstance(b, dict) else getattr(b, "ids", []))]
         total = _all_sum(torch.tensor(float(sum(self.count(b) for b in batches))), ctx)
         if total.item() == 0:  # e.g. every label masked: nothing to learn from, and Adam's momentum must not move
             tqdm.write(f"[{cfg.name}] step {step + 1}: no counted tokens or pairs in the batch; step skipped")
-            return {"skipped_empty": 1, "lr": optimizer.param_groups[0]["lr"], "ids": ids}
-        loss_total, sums, engine = torch.zeros(()), {}, self.engine
-        for index, batch in enumerate(batches):
-            with engine.micro_batch(last=index == len(batches) - 1):
-                with ctx.accelerator.autocast():
-                    loss_sum, metrics = engine.forward(self.train_step, batch)
-                loss_total += self.backward(loss_sum, total.clamp(min=1))
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value / len(batches)
-        grad_norm = engine.grad_norm_and_clip()  # None under DeepSpeed: it clips inside its step
+            return {"skipped_empty": 1, "lr": lr, "ids": ids}
+        if isinstance(optimizer, MeZO):
+            return {**self._zeroth_order_step(optimizer, batches, total, step), "lr": lr, "ids": ids}
+        engine = self.engine
+        two_pass = isinstance(optimizer, LOMO) and cfg.max_grad_norm is not None
+        if two_pass:  # LOMO's clipping: this pass only measures the norm, freeing each gradient as it goes
+            rng = torch_rng_state()
+            with optimizer.measuring():
+                loss_total, sums = self._forward_backward(batches, total)
+            grad_norm = optimizer.take_grad_norm()
+        else:  # (LOMO without clipping updates the parameters in here)
+            loss_total, sums = self._forward_backward(batches, total)
+            grad_norm = engine.grad_norm_and_clip()  # None under DeepSpeed: it clips inside its step
         loss = (_all_sum(loss_total, ctx) / total.clamp(min=1)).item()
         if not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))):
             engine.discard_gradients()
-            self.nonfinite_steps += 1
-            tqdm.write(f"[{cfg.name}] step {step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
-                       f"step skipped ({self.nonfinite_steps} in a row)")
-            if self.nonfinite_steps >= cfg.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"stage {cfg.name!r}: {self.nonfinite_steps} consecutive non-finite steps at step {step + 1}; "
-                    f"the last good checkpoint is kept in {self.dir / 'checkpoints'} (lower lr or check the data)"
-                )
-            return {"skipped": 1, "lr": optimizer.param_groups[0]["lr"], "ids": ids}
+            return {**self._skip_nonfinite(step, loss, grad_norm), "lr": lr, "ids": ids}
+        if two_pass:  # the same micro-batches and randomness again, now updating with the clipped scale
+            set_torch_rng_state(rng)
+            with optimizer.updating(scale=min(1.0, cfg.max_grad_norm / (grad_norm + 1e-6)), check_finite=False):
+                self._forward_backward(batches, total)
         engine_norm = engine.step()
         grad_norm = engine_norm if grad_norm is None else grad_norm
         self.nonfinite_steps = 0
-        return {"loss": loss, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"],
-                **_mean_over_processes(sums, ctx), "ids": ids}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, **_mean_over_processes(sums, ctx), "ids": ids}
+
+    def _forward_backward(self, batches: list, total: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Forward and backward of one step's micro-batches, each loss divided by the step's `total`
+        count; returns the summed loss (CPU) and the metrics averaged over micro-batches. Under LOMO's
+        in-backward update a non-finite loss is not backpropagated (an update cannot be undone): the
+        summed loss is then NaN."""
+        loss_total, sums, engine = torch.zeros(()), {}, self.engine
+        fused = isinstance(engine.optimizer, LOMO) and engine.optimizer.mode == "update"
+        for index, batch in enumerate(batches):
+            with engine.micro_batch(last=index == len(batches) - 1):
+                with self.ctx.accelerator.autocast():
+                    loss_sum, metrics = engine.forward(self.train_step, batch)
+                if fused and not all(torch.isfinite(part).all() for part in _parts(loss_sum)):
+                    return torch.tensor(float("nan")), sums
+                loss_total += self.backward(loss_sum, total.clamp(min=1))
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value / len(batches)
+        if isinstance(engine.optimizer, LOMO):
+            engine.optimizer.flush()  # parameters the last micro-batch did not reach
+        return loss_total, sums
+
+    def _zeroth_order_step(self, optimizer: MeZO, batches: list, total: torch.Tensor, step: int) -> dict:
+        """MeZO: the step's loss (its micro-batches' summed `train_step` losses / `total`) at theta + eps z
+        and theta - eps z, forward passes only (under no_grad: no activations kept for a backward), then
+        theta -= lr * g * z with g = (L+ - L-) / (2 eps) (`alignment.optimizers.MeZO`); z is drawn from
+        a seed of (run seed, step), so a resumed run repeats it. `loss` logs (L+ + L-) / 2, the loss at
+        theta up to O(eps^2); `max_grad_norm` does not apply."""
+        ctx, metrics = self.ctx, []
+
+        def loss_at() -> float:
+            loss, sums = torch.zeros(()), {}
+            for batch in batches:
+                with ctx.accelerator.autocast():
+                    loss_sum, values = self.train_step(batch)
+                loss += sum(part.detach().float().cpu() for part in _parts(loss_sum))
+                for key, value in values.items():
+                    sums[key] = sums.get(key, 0.0) + value / len(batches)
+            metrics.append(sums)
+            return (loss / total.clamp(min=1)).item()
+
+        result = optimizer.step(loss_at, seed=step_seed(ctx.seed, step))
+        self.engine.gradient_bytes = 0
+        loss = (result["loss_plus"] + result["loss_minus"]) / 2
+        if not result["applied"]:
+            return self._skip_nonfinite(step, loss, None)
+        self.nonfinite_steps = 0
+        return {"loss": loss, "projected_grad": result["projected_grad"], **metrics[0]}
+
+    def _skip_nonfinite(self, step: int, loss: float, grad_norm: float | None) -> dict:
+        """Count a step skipped for a non-finite loss or gradient norm; stop the run after too many."""
+        cfg = self.config
+        self.nonfinite_steps += 1
+        tqdm.write(f"[{cfg.name}] step {step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+                   f"step skipped ({self.nonfinite_steps} in a row)")
+        if self.nonfinite_steps >= cfg.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"stage {cfg.name!r}: {self.nonfinite_steps} consecutive non-finite steps at step {step + 1}; "
+                f"the last good checkpoint is kept in {self.dir / 'checkpoints'} (lower lr or check the data)"
+            )
+        return {"skipped": 1}
 
     # ---- checkpoints -----------------------------------------------------------
     def _trained_adapters(self) -> list[tuple[object, str]]:
@@ -377,6 +484,17 @@ def dropout_disabled(models: list):
             module.p = p
 
 
+def _parts(loss_sum) -> list[torch.Tensor]:
+    """A `train_step` loss as a list of scalars (one per role when it returns a dict)."""
+    return list(loss_sum.values()) if isinstance(loss_sum, dict) else [loss_sum]
+
+
+def _full_sets(model):
+    """The `FullAdapters` of a model (full fine-tuning), or None."""
+    own = getattr(model, "own", None)
+    return own["full"] if own is not None and "full" in own else None
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """The torch seed of process `rank` in training (distinct per rank; dropout and sampling differ)."""
     return seed * 1000 + rank
@@ -397,7 +515,14 @@ def _append_ledger(stage: str, step: int, rank: int, ids: list) -> None:
 
 
 def config_fingerprint(config: StageConfig) -> dict:
-    return {k: v for k, v in asdict(config).items() if k not in ("eval_examples", "eval_batch_size", "log_every")}
+    """The settings a checkpoint must match to be resumed. The optimizer keys count only when they are
+    not the defaults (so checkpoints written before they existed still resume)."""
+    skip = {"eval_examples", "eval_batch_size", "log_every"}
+    if config.optimizer != "mezo":
+        skip.add("mezo_eps")
+    if config.optimizer == "adamw":
+        skip.add("optimizer")
+    return {k: v for k, v in asdict(config).items() if k not in skip}
 
 
 def _main_thread() -> bool:

@@ -2,7 +2,9 @@
 
 Layout of `<stage dir>/checkpoints/step-000050/`: `adapters/<name>/` (PEFT format, safetensors),
 `optimizer.pt`, `rng-rank<r>.pt`, `state.json`, and `manifest.json` (files and sizes) written last.
-A folder without a valid manifest is incomplete and never resumed from. Optimizer and RNG state are
+A folder without a valid manifest is incomplete and never resumed from. LOMO and MeZO keep no
+optimizer state (`optimizer.pt` then holds their parameter groups only): a resume needs the weights,
+the RNG state and the step, from which MeZO derives its perturbation seeds. Optimizer and RNG state are
 read with `torch.load(weights_only=True)`: a planted pickle cannot run code.
 """
 

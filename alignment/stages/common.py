@@ -20,7 +20,7 @@ def lora_spec(config) -> LoraSpec:
     lora = config.lora
     return LoraSpec(method=lora.method, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, preset=lora.preset,
                     lm_head=lora.lm_head, dim=lora.dim, groups=lora.groups, scale=lora.scale, visual_dim=lora.visual_dim,
-                    num_virtual_tokens=lora.num_virtual_tokens)
+                    num_virtual_tokens=lora.num_virtual_tokens, prefix_projection=lora.prefix_projection)
 
 
 def is_base_weights_folder(folder: Path | None) -> bool:

@@ -15,14 +15,19 @@ step sees exactly the gradient a single process with the whole batch would.
   (`fill_deepspeed_config`). Gradient accumulation is left to the loop
   (`managed_gradient_accumulation: false`): `backward` may run any number of times (micro-batches,
   and PPO's roles), and `step` is the boundary.
+- LOMO (`alignment.optimizers`, one process only) updates in backward: a step's micro-batches before
+  its last only accumulate gradients (`micro_batch`), the gradient norm is what its hooks measured,
+  and `step` has nothing left to do. MeZO has no backward; the loop calls it directly.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
+
+from alignment.optimizers import LOMO
 
 
 def engine_kind(accelerator) -> str:
@@ -112,8 +117,13 @@ class StepEngine:
 
     @contextmanager
     def micro_batch(self, last: bool):
-        """Around one micro-batch's forward and backward: DDP synchronises gradients on the last only."""
-        with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
+        """Around one micro-batch's forward and backward: DDP synchronises gradients on the last only,
+        and LOMO updates in the last one's backward only (before it, gradients accumulate)."""
+        with ExitStack() as stack:
+            if self.ddp is not None and not last:
+                stack.enter_context(self.ddp.no_sync())
+            if isinstance(self.optimizer, LOMO) and not last:
+                stack.enter_context(self.optimizer.accumulating())
             yield
 
     def forward(self, step_fn, batch):
@@ -132,9 +142,12 @@ class StepEngine:
 
     def grad_norm_and_clip(self) -> float | None:
         """Total gradient norm before clipping, clipping to `max_grad_norm` (DDP / one process). Under
-        DeepSpeed the engine clips inside `step` and the norm is known only after it: None here."""
+        DeepSpeed the engine clips inside `step` and the norm is known only after it: None here. Under
+        LOMO the norm its hooks measured (the loop clips in a second pass)."""
         if self.kind == "deepspeed":
             return None
+        if isinstance(self.optimizer, LOMO):  # the gradients are gone: LOMO's hooks measured them
+            return self.optimizer.take_grad_norm()
         grads = [p for p in self.params if p.grad is not None]
         if not grads:
             return 0.0
