@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alignment.losses import sequence_logprobs
+from alignment.losses import logprobs_at, sequence_logprobs
 from alignment.models import family_of, load_model, load_processor
 from alignment.models.features import ImageFeatures, repeat_state
 from alignment.models.shared_prefix import ATTENTION_KINDS, attention_mask_for, is_right_padded
@@ -557,15 +557,15 @@ class MultimodalPolicy(nn.Module):
         counted = labels[:, 1:] != -100  # [2P, T-1]: position t predicts a counted token t+1
         if packed is None or not bool(counted.any()):
             return self.completion_logprobs(batch, image_features)
-        columns = counted.any(dim=0).nonzero().flatten()
-        start, end = int(columns[0]), int(columns[-1]) + 2
-        needed = packed.packed_pos[:, :-1][counted]
-        low, high = int(needed.min()), int(needed.max()) + 1
+        rows, steps = counted.nonzero(as_tuple=True)  # original row, and the position predicting its token
+        where = packed.packed_pos[rows, steps]  # that position in the pair's packed row
+        low, high = int(where.min()), int(where.max()) + 1
         out = self._packed_forward(batch, packed, image_features,
                                    logits_at=torch.arange(low, high, device=labels.device))
-        where = (packed.packed_pos[:, start:end] - low).clamp(0, high - low - 1)  # [2P, W]
-        logits = out.logits[packed.pair_of_row()[:, None], where]  # [2P, W, V]: each row's window, as two rows give it
-        return _window_logprobs(batch, logits, labels[:, start:end], start)
+        picked = logprobs_at(out.logits, packed.pair_of_row()[rows], where - low, labels[rows, steps + 1])
+        mask = counted.float()
+        token_logprobs = mask.new_zeros(mask.shape).index_put((rows, steps), picked)
+        return token_logprobs, token_logprobs.sum(dim=-1), mask
 
     def pair_sequence_scores(self, batch: dict, head: str, image_features: ImageFeatures | None = None,
                              share_prefix: bool = True) -> torch.Tensor:

@@ -105,3 +105,19 @@ def test_logprobs_finite_and_nonpositive_at_extremes(row, data):
     assert torch.isfinite(lp).all() and lp.item() <= 0.0
     h = entropy_from_logits(logits)
     assert torch.isfinite(h).all() and -1e-9 <= h.item() <= math.log(len(row)) + 1e-9
+
+
+def test_logprobs_at_picks_like_log_softmax_and_repeats_a_position():
+    """Picks (0, 1, token 3), (0, 1, token 4) (one position, two tokens) and (1, 0, token 0) against a
+    float64 log_softmax; bf16 logits give the float32 log-probs of their upcast values."""
+    from alignment.losses import logprobs_at
+
+    logits = torch.randn(2, 3, 7)
+    rows, positions, tokens = torch.tensor([0, 0, 1]), torch.tensor([1, 1, 0]), torch.tensor([3, 4, 0])
+    expected = torch.log_softmax(logits.double(), -1)[rows, positions, tokens]
+    torch.testing.assert_close(logprobs_at(logits, rows, positions, tokens).double(), expected)
+    half = logits.bfloat16()
+    expected = torch.log_softmax(half.double(), -1)[rows, positions, tokens]
+    got = logprobs_at(half, rows, positions, tokens)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)

@@ -14,7 +14,7 @@ from .grpo import (
     grpo_loss_sum,
 )
 from .kl import AdaptiveKLController, FixedKLController
-from .logprobs import entropy_from_logits, gather_logprobs, sequence_logprobs
+from .logprobs import entropy_from_logits, gather_logprobs, logprobs_at, sequence_logprobs
 from .masked import masked_mean, masked_sum, masked_var, masked_whiten
 from .ppo import (
     gae_advantages,
@@ -41,6 +41,7 @@ __all__ = [
     "entropy_from_logits",
     "gae_advantages",
     "gather_logprobs",
+    "logprobs_at",
     "group_advantages",
     "grpo_loss",
     "grpo_loss_sum",

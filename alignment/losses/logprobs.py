@@ -26,6 +26,19 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def logprobs_at(logits: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                tokens: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits[rows[n], positions[n]])[tokens[n]]`` for N picks: ``logits [B, W, V]``, the
+    three index tensors ``[N]`` -> ``[N]`` float32. One position may be picked for several tokens (a packed
+    preference row's last prompt position predicts both answers' first tokens); ``logsumexp`` runs once per
+    position, half-precision rows upcast one at a time, and no ``[N, V]`` copy of the logits is made."""
+    if logits.dtype in _LOW_PRECISION:
+        lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
+    else:
+        lse = torch.logsumexp(logits, dim=-1)
+    return logits[rows, positions, tokens.long()].float() - lse[rows, positions]
+
+
 def sequence_logprobs(
     logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
