@@ -40,6 +40,7 @@ def _fresh(policy):
 def compressed(base, data, tmp_path_factory):
     """A perturbed LoRA "fine-tune" compressed with 5 distillation steps, saved to a folder."""
     policy = _fresh(base)
+    torch.manual_seed(0)  # a module fixture runs before the per-test seed: LoRA's A init must not depend on test order
     policy.add_adapter("policy", LoraSpec(r=4))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -111,7 +112,9 @@ def test_row_scales_round_trip_and_set_the_granularity_on_load(base, compressed,
     adapter takes its scales' shape from the file."""
     policy, batch = compressed["policy"], compressed["batches"][0]
     onebit, stats = compress_adapter(policy, "policy", [batch], steps=2, lr=1e-3, name="rows", scales="row")
-    assert stats["scales"] == "row" and stats["ratio"] <= 0.1 and stats["mse_init"] < compressed["stats"]["mse_init"]
+    # (per-row scales fit each weight delta at least as well as one per matrix, tests/test_bitdelta.py; the
+    # logits' MSE at mean |delta| need not follow: measured both ways on tiny fine-tunes)
+    assert stats["scales"] == "row" and stats["ratio"] <= 0.1
     onebit.save("rows", tmp_path / "rows")
     onebit.set_active("rows")
     try:
