@@ -59,6 +59,16 @@ def _logits(policy, batch):
         return policy.forward(batch).logits
 
 
+def _student_logits(policy, onebit, name, batch):
+    """Logits of the base + 1-bit delta `name` (the LoRA fine-tune switched off), then the delta off again."""
+    onebit.set_active(name)
+    try:
+        with policy.model.disable_adapter():
+            return _logits(policy, batch)
+    finally:
+        onebit.set_active(None)
+
+
 def test_distillation_lowers_the_logit_mse_and_the_delta_is_under_a_tenth_of_bf16(compressed):
     stats, folder = compressed["stats"], compressed["folder"]
     assert stats["targets"] == 34  # the language preset's linears
@@ -93,12 +103,7 @@ def test_save_load_round_trip_gives_identical_outputs(base, compressed, tmp_path
     from safetensors.torch import load_file
 
     policy, onebit, batch = compressed["policy"], compressed["onebit"], compressed["batches"][1]
-    onebit.set_active("bitdelta")
-    try:
-        with policy.model.disable_adapter():
-            student = _logits(policy, batch)
-    finally:
-        onebit.set_active(None)
+    student = _student_logits(policy, onebit, "bitdelta", batch)
     served = _fresh(base)
     served.load_adapter("tenant", compressed["folder"], trainable=False)
     torch.testing.assert_close(_logits(served, batch), student, atol=0, rtol=0)
@@ -116,12 +121,7 @@ def test_row_scales_round_trip_and_set_the_granularity_on_load(base, compressed,
     # logits' MSE at mean |delta| need not follow: measured both ways on tiny fine-tunes)
     assert stats["scales"] == "row" and stats["ratio"] <= 0.1
     onebit.save("rows", tmp_path / "rows")
-    onebit.set_active("rows")
-    try:
-        with policy.model.disable_adapter():
-            student = _logits(policy, batch)
-    finally:
-        onebit.set_active(None)
+    student = _student_logits(policy, onebit, "rows", batch)
     served = _fresh(base)
     served.load_adapter("tenant", tmp_path / "rows", trainable=False)
     part = served.own["bitdelta"].adapters["tenant"]["model__language_model__layers__0__mlp__up_proj"]
