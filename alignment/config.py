@@ -5,15 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from alignment.errors import ConfigError  # also imported from here by callers
+from alignment.presets import METHODS, PRESETS
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 SCHEDULES = ("cosine", "linear", "constant")
 ON_ERROR = ("error", "skip")
 REPORT_TO = ("tensorboard", "wandb", "none")
-
-
-class ConfigError(ValueError):
-    """A recipe value is invalid; the message names the key and what is allowed."""
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -68,9 +67,6 @@ class LoraConfig:
     prefix_projection: bool = False  # prefix_tuning: the prefix through PEFT's reparameterisation MLP (width dim)
 
     def __post_init__(self):
-        from alignment.adapters.menu import METHODS
-        from alignment.policy import PRESETS
-
         _positive(self, "r", "alpha", "dim", "groups", "visual_dim", "num_virtual_tokens")
         _check(self.method in METHODS, "lora.method", f"must be one of {list(METHODS)}, got {self.method!r}")
         _check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")

@@ -104,3 +104,21 @@ def _restore_use_cache(model, model_name: str, trust_remote_code: bool) -> None:
 
 
 __all__ = ["DTYPES", "MergeError", "merge_adapter"]
+
+
+def command(args) -> int:
+    """`vlm-align merge RUN_DIR/STAGE OUT_DIR` (arguments from `alignment.cli`'s parser)."""
+    import sys
+
+    from alignment.runs import open_stage
+
+    recipe, index, _ = open_stage(args.stage, args.recipe)
+    if recipe.model.quantization != "none":
+        print(f"note: the run trained on a {recipe.model.quantization} base; merging into the unquantised "
+              f"base weights in {args.dtype}", file=sys.stderr)
+    out = merge_adapter(recipe.model.name, args.stage, args.out_dir, dtype=args.dtype,
+                        trust_remote_code=recipe.model.trust_remote_code, overwrite=args.overwrite)
+    print(f"merged {args.stage} into {recipe.model.name} ({args.dtype}): {out}")
+    print(f"load it with AutoModelForImageTextToText.from_pretrained({str(out)!r}) and "
+          f"AutoProcessor.from_pretrained({str(out)!r})")
+    return 0

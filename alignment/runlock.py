@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from alignment.config import ConfigError
+from alignment.errors import ConfigError
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 30.0

@@ -51,8 +51,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from alignment.cli import compress_stage, evaluate_adapters
     from alignment.cli import main as cli
+    from alignment.compress import compress_stage
+    from alignment.evaluate.command import evaluate_adapters
     from alignment.recipe import RECIPE_FILE, load_recipe
 
     torch.set_num_threads(args.threads)

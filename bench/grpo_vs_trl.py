@@ -26,8 +26,8 @@ model's vocabulary is only 636 tokens, so its stop tokens and its `<|image|>` to
 Both sides therefore sample every answer to exactly `max_new_tokens` tokens and never sample the
 image token: TRL through its own generation settings (`generation_kwargs={"min_new_tokens":
 max_new_tokens}` sets the EOS logits to -inf until the budget is spent; TRL already suppresses the
-image token for processors), ours through a bench-only wrapper around `alignment.policy._sample` that
-sets the logits of our stop ids (`policy._stop_token_ids()`) and of the image token to -inf before
+image token for processors), ours through a bench-only wrapper around `alignment.generation.loop.sample_tokens` that
+sets the logits of our stop ids (`policy.stop_token_ids()`) and of the image token to -inf before
 sampling (the library itself is unchanged). Without the image-token mask our rollouts can contain
 `<|image|>` (see "notes" in the JSON). Answer tokens per step are recorded on both sides and must
 match; answer tokens per second are reported too. With one update per rollout (ratio 1), equal
@@ -94,7 +94,7 @@ GRPO_SHAPES = {
     "vision_heavy_small_tower": dict(prompts=2, max_new_tokens=16),
 }
 TARGETS = {"text_heavy": 1.5, "vision_heavy": 2.0}  # TRL s/step over ours, from the issue
-IMAGE_TOKEN_NOTE = ("Our rollout sampler (`MultimodalPolicy.generate` -> `_sample`) can sample the image "
+IMAGE_TOKEN_NOTE = ("Our rollout sampler (`MultimodalPolicy.generate` -> `sample_tokens`) can sample the image "
                     "placeholder token: tiny-llava's LM head covers the whole 636-token vocabulary, <|image|> "
                     "(id 5) included, and nothing masks it (TRL passes suppress_tokens=[image_token_id]). An "
                     "answer holding <|image|> gives its row more placeholders than image features, and the "
@@ -116,19 +116,19 @@ def exact_match_reward(prompts, completions, answer, **kwargs):
 
 
 def mask_our_sampler(banned: list[int]):
-    """Wrap `alignment.policy._sample` so that tokens `banned` are never sampled (bench only); returns
+    """Wrap `alignment.generation.loop.sample_tokens` so that tokens `banned` are never sampled (bench only); returns
     a function that restores the original."""
-    import alignment.policy as policy_module
+    import alignment.generation.loop as loop_module
 
-    original = policy_module._sample
+    original = loop_module.sample_tokens
     banned_ids = torch.tensor(sorted(banned))
 
     def sample(logits, temperature, top_p, generator):
         logits = logits.index_fill(-1, banned_ids.to(logits.device), float("-inf"))
         return original(logits, temperature, top_p, generator)
 
-    policy_module._sample = sample
-    return lambda: setattr(policy_module, "_sample", original)
+    loop_module.sample_tokens = sample
+    return lambda: setattr(loop_module, "sample_tokens", original)
 
 
 class PlannedStream:
@@ -300,7 +300,7 @@ def race(name: str, steps: int, warmup: int, generations: int, prompts: int | No
     if ours_ids != trl_ids:
         print(f"WARNING {name}: prompt token ids differ (ours {len(ours_ids)}, TRL {len(trl_ids)} tokens)", flush=True)
     image_token_id = ours.policy.config.image_token_id
-    stop_ids = sorted(ours.policy._stop_token_ids())
+    stop_ids = sorted(ours.policy.stop_token_ids())
     restore = mask_our_sampler(stop_ids + [image_token_id])
     image_tokens = ours_ids.count(image_token_id)
     print(f"{name}: {prompts} prompts x G={generations} answers x {max_new_tokens} tokens per step; prompt "
@@ -436,7 +436,7 @@ def main(argv=None) -> int:
                             "threads": args.threads, "warmup_steps": args.warmup, "timed_steps": args.steps,
                             "generation": "TRL: model.generate (no vLLM), generation_kwargs min_new_tokens = "
                                           "max_new_tokens; ours: MultimodalPolicy.generate with stop ids and the "
-                                          "image token masked by a bench-only wrapper of alignment.policy._sample"},
+                                          "image token masked by a bench-only wrapper of alignment.generation.loop.sample_tokens"},
                "targets": TARGETS,
                "notes": [IMAGE_TOKEN_NOTE,
                          "vision calls per prompt = images through the vision tower per prompt per step (a forward "

@@ -94,10 +94,10 @@ def tensor_batch(batch: dict) -> dict:
 def cached_decoding_error(policy, prompts: dict) -> float:
     """Largest |logit| difference between the family's KV-cache generation (prefill, then one decode step
     on the greedy token) and one full forward over prompt + that token, on `prompts` (left-padded)."""
-    features = policy._features(prompts, None)
+    features = policy.features_of(prompts, None)
     with torch.no_grad():
         first, state = policy.family.prefill(policy.model, prompts["input_ids"], prompts["attention_mask"], features,
-                                             policy._image_index(prompts), **policy._token_inputs(prompts))
+                                             policy.image_index(prompts), **policy.token_inputs(prompts))
         token = first.argmax(-1)
         mask = torch.cat([prompts["attention_mask"], torch.ones_like(token[:, None])], dim=1)
         second = policy.family.decode(policy.model, state, token, mask)

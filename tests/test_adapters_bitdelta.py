@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from alignment.adapters.bitdelta import BitDeltaAdapters
-from alignment.bitdelta import bitdelta_linear, compress_adapter, decompress
+from alignment.bitdelta import bitdelta_linear, decompress
+from alignment.compress import compress_adapter
 from alignment.config import ConfigError
 from alignment.data import build_datasets, collate_prompts, collate_sft
 from alignment.evaluate import generate_answers

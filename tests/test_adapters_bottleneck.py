@@ -12,7 +12,7 @@ from alignment.adapters.bottleneck import (
 )
 from alignment.losses import sft_loss_sum
 from alignment.policy import LoraSpec, MultimodalPolicy
-from tests.test_policy import make_batch
+from tests._policy import make_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 

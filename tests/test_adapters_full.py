@@ -17,9 +17,9 @@ from alignment.stages.base import RunContext
 from alignment.stages.dpo import DPOStage
 from alignment.stages.sft import SFTStage
 from tests._adapters import sft_losses
+from tests._policy import make_batch
 from tests._recipes import build, tiny_recipe
 from tests._toy_stage import ToyAccelerator
-from tests.test_policy import make_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 

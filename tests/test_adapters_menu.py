@@ -11,7 +11,7 @@ from alignment.config import ConfigError
 from alignment.losses import sft_loss_sum
 from alignment.policy import LoraSpec, MultimodalPolicy
 from alignment.recipe import recipe_from_dict
-from tests.test_policy import make_batch
+from tests._policy import make_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 

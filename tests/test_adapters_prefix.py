@@ -21,7 +21,7 @@ from tests._adapters import (
     sft_losses,
     tensor_batch,
 )
-from tests.test_policy import make_batch
+from tests._policy import make_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 

@@ -140,7 +140,7 @@ def test_policy_generate_equals_model_generate_and_samples_equal_single(policy, 
     alike), and with `num_samples=3` each prompt's 3 greedy rows == its single-sample row."""
     batch = _prompts(policy, images)
     steps = 6
-    stops = sorted(policy._stop_token_ids())
+    stops = sorted(policy.stop_token_ids())
     never = generic.unsampled_token_ids(policy.config)
     assert never == [policy.config.image_token_id]
     with torch.no_grad():

@@ -7,10 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignment.cli import generate_answer, load_base, main
+from alignment.cli import main
 from alignment.data import DEFAULT_INSTRUCTION, render_prompt
+from alignment.generation.command import generate_answer
 from alignment.merge import MERGE_INFO, MergeError, merge_adapter
 from alignment.recipe import load_recipe
+from alignment.runs import load_base
 from tests._cli_run import held_out, tiny_run
 
 LAYER = "model.language_model.layers.0.self_attn.q_proj"

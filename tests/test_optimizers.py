@@ -13,8 +13,8 @@ from alignment.losses import sft_loss_sum
 from alignment.optimizers import LOMO, MeZO, build_optimizer, step_seed
 from alignment.policy import LoraSpec, MultimodalPolicy
 from alignment.stages.base import Stage, config_fingerprint
+from tests._policy import make_batch
 from tests._toy_stage import ToyAccelerator, toy_stage
-from tests.test_policy import make_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 

@@ -101,7 +101,7 @@ def test_mllama_standin_has_the_real_geometry(mllama):
     assert config.vision_config.supported_aspect_ratios == [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]
     features = mllama.encode_images(collate_sft(examples([(560, 560)]), mllama.processor))
     assert features.embeds.shape[:2] == (1, 4 * 1601)  # 4 tile slots of 1601 vision tokens
-    assert mllama._stop_token_ids() == set(STOP_IDS)
+    assert mllama.stop_token_ids() == set(STOP_IDS)
 
 
 def test_llava_standin_expands_its_placeholder_to_576_tokens(llava):
@@ -190,7 +190,7 @@ def test_kv_cache_generation_equals_full_recomputation(family, request):
                 **({"cross_attention_mask": batch["cross_attention_mask"]} if "cross_attention_mask" in batch else {}),
             ).logits[:, -1]
             # rows already finished hold the pad id; compare the live ones
-            live = ~torch.isin(tokens[:, :step], torch.tensor(sorted(policy._stop_token_ids()))).any(1)
+            live = ~torch.isin(tokens[:, :step], torch.tensor(sorted(policy.stop_token_ids()))).any(1)
             assert torch.equal(logits.argmax(-1)[live], tokens[live, step])
 
 
@@ -213,8 +213,8 @@ def test_qwen25vl_standin_has_the_real_token_protocol(qwen):
     assert tokenizer("Who wrote this book?")["input_ids"][0] < 151643  # no BOS in front
     assert (config.image_token_id, config.video_token_id, config.vision_start_token_id,
             config.vision_end_token_id) == (151655, 151656, 151652, 151653)
-    assert qwen._stop_token_ids() == {151643, 151645}
-    assert {151652, 151653, 151655, 151656} <= set(qwen._unsampled_token_ids(152064))
+    assert qwen.stop_token_ids() == {151643, 151645}
+    assert {151652, 151653, 151655, 151656} <= set(qwen.unsampled_token_ids(152064))
 
     user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Who wrote this book?"}]}
     assert qwen.processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False) == (

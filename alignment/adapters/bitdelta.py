@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from alignment.adapters.base import OwnAdapters
-from alignment.bitdelta import bitdelta_linear, compress
+from alignment.adapters.spec import LoraSpec, resolve_preset
+from alignment.bitdelta import SCALES, bitdelta_linear, compress
 
 
 def _key(name: str) -> str:
@@ -47,8 +48,6 @@ class BitDeltaAdapters(OwnAdapters):
     def add(self, name: str, spec, scales: str = "matrix") -> list[str]:
         """Empty 1-bit deltas (all signs -1, scales 0: the base) on `spec.target_modules`, else on the
         linears of `spec.preset`; `load_state_of` or `set_delta` fills them."""
-        from alignment.bitdelta import SCALES
-        from alignment.policy import resolve_preset
 
         if scales not in SCALES:
             raise ValueError(f"bitdelta scales must be one of {SCALES}, got {scales!r}")
@@ -71,8 +70,6 @@ class BitDeltaAdapters(OwnAdapters):
     def from_deltas(self, name: str, deltas: dict[str, torch.Tensor], scales: str = "matrix") -> list[str]:
         """Adapter `name` from dense deltas {module name: [out, in]}: signs packed, scales at mean |delta|
         (per matrix, or per row)."""
-        from alignment.policy import LoraSpec
-
         targets = self.add(name, LoraSpec(method=self.method, target_modules=sorted(deltas)), scales)
         for target in targets:
             self.set_delta(name, target, deltas[target])

@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import re
 
-PEFT_METHODS = ("lora", "qlora", "dora", "ia3", "loha", "lora_fa")
-OWN_METHODS = ("bitfit", "prompt_tuning", "bottleneck", "prefix_tuning", "tinytl", "bitdelta", "full")
-METHODS = PEFT_METHODS + OWN_METHODS
+from alignment.errors import ConfigError
+from alignment.presets import METHODS, OWN_METHODS, PEFT_METHODS
+
+__all__ = ["METHODS", "OWN_METHODS", "PEFT_METHODS", "check_method", "check_recipe", "peft_config"]
 NOT_ON_4BIT = {"loha": "PEFT's LoHa cannot wrap bitsandbytes 4-bit layers",
                "full": "full fine-tuning updates the base weights, which a quantised base cannot train"}
 NOT_TRAINED = {"bitdelta": "bitdelta is not trained by a stage: train with lora (or another method), then "
@@ -49,8 +50,6 @@ TUNER_PARAM = re.compile(r"\.(lora_\w+|ia3_\w+|hada_\w+)\.([^.]+)(\.|$)")
 
 def check_method(method: str, quantization: str, where: str = "lora.method") -> None:
     """`ConfigError` naming `where` when `method` cannot run with `model.quantization`."""
-    from alignment.config import ConfigError
-
     if method not in METHODS:
         raise ConfigError(f"{where}: unknown method {method!r}; valid: {list(METHODS)}")
     if quantization != "none" and method in NOT_ON_4BIT:
@@ -103,8 +102,6 @@ def method_of_peft_type(peft_type: str) -> str | None:
 def check_recipe(recipe) -> None:
     """Recipe-level checks of adapters: each stage's method against `model.quantization`, and a
     `projector` stage only at the start (before the stages whose adapters it sits under)."""
-    from alignment.config import ConfigError
-
     seen_other = False
     for i, stage in enumerate(recipe.stages):
         lora = getattr(stage, "lora", None)

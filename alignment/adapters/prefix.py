@@ -51,7 +51,7 @@ ATTENTION = ("eager", "sdpa")
 
 
 def _refuse(message: str):
-    from alignment.config import ConfigError
+    from alignment.errors import ConfigError
 
     return ConfigError(f"lora.method: {message}")
 

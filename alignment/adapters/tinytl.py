@@ -102,7 +102,7 @@ class TinyTLAdapters(OwnAdapters):
     peft_type = "TINYTL"
 
     def add(self, name: str, spec) -> list[str]:
-        from alignment.config import ConfigError
+        from alignment.errors import ConfigError
 
         modules = dict(self.model.named_modules())
         blocks = list(spec.target_modules or blocks_of(self.model, spec.preset))

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from alignment.config import ConfigError, StageConfig
+from alignment.config import StageConfig
+from alignment.errors import ConfigError
 from alignment.optimizers import LOMO, MeZO, build_optimizer, set_torch_rng_state, step_seed, torch_rng_state
 from alignment.stages import checkpoint as ckpt
 from alignment.stages.engine import StepEngine, distributed_facts, engine_kind, zero3_gathered

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from alignment.config import ConfigError
 from alignment.data import collate_prompts
+from alignment.errors import ConfigError
 from alignment.losses import gather_logprobs, masked_sum
 from alignment.models.features import compact_images
 from alignment.stages.base import Stage
@@ -150,7 +150,7 @@ class OnlineStage(Stage):
         """Prompt batch (left-padded) + generated tokens [B, L] -> a model batch over prompt + answer,
         labels on the answer up to and including its stop token; `truncated [B]` marks rows without one."""
         policy = self.models["actor"]
-        stops = torch.tensor(sorted(policy._stop_token_ids()), device=tokens.device)
+        stops = torch.tensor(sorted(policy.stop_token_ids()), device=tokens.device)
         is_stop = torch.isin(tokens, stops)
         before_stop = (is_stop.long().cumsum(1) - is_stop.long()) == 0  # up to and including the first stop
         pad = policy.processor.tokenizer.pad_token_id

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from alignment.config import ConfigError
+from alignment.errors import ConfigError
 from alignment.evaluate import answer_metrics
 from alignment.losses import (
     AdaptiveKLController,
