@@ -52,10 +52,21 @@ def _add_stage_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vlm-align")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="vlm-align", description="Post-training (SFT, reward model, PPO, DPO) for vision-language models.",
+        prog="vlm-align",
+        description="Post-training (SFT, reward model, PPO, DPO, GRPO) for vision-language models.",
         epilog="Run `vlm-align COMMAND --help` for a command's options.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = commands.add_parser("train", help="run a recipe (also: accelerate launch -m alignment.cli train ...)",
@@ -83,14 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapters_arg(evaluate)
 
     generate = commands.add_parser(
-        "generate", help="one greedy answer to a question about an image",
-        description="Answer one question about one image with a policy stage (sft, dpo, ppo, grpo), greedily, "
-                    "with seed 000's prompt and the run's instruction. Prints the answer.")
+        "generate", help="answer a question about an image (greedy, or sampled)",
+        description="Answer one question about one image with a policy stage (sft, dpo, ppo, grpo), in the "
+                    "book-cover prompt format with the run's instruction: greedily by default, or --num-samples "
+                    "answers sampled at --temperature / --top-p. Prints the answers, one a line.")
     _add_stage_arg(generate)
     generate.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
     generate.add_argument("--question", required=True, help="the question about the image")
     generate.add_argument("--max-new-tokens", type=int, default=None,
                           help="generation budget (default: the stage's max_new_tokens)")
+    generate.add_argument("--temperature", type=float, default=0.0,
+                          help="sampling temperature (default: 0, greedy)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1, off)")
+    generate.add_argument("--num-samples", type=int, default=1,
+                          help="answers to sample (default: 1); more than 1 needs --temperature > 0")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     _add_adapters_arg(generate)
 
     merge = commands.add_parser(

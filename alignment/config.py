@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 
 from alignment.errors import ConfigError  # also imported from here by callers
-from alignment.presets import METHODS, PRESETS
+from alignment.presets import METHODS, PEFT_METHODS, PRESETS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
@@ -58,6 +59,7 @@ class LoraConfig:
     alpha: int = 32  # scaling numerator (scale = alpha / r)
     dropout: float = 0.0  # dropout on the adapter's input (lora family, bottleneck)
     preset: str = "language"  # where: language | cross_attention | vision | multimodal | all
+    target_modules: list[str] | str | None = None  # PEFT methods, in place of the preset: module names (a linear whose name is one or ends with `.name`, e.g. [q_proj, v_proj]) or one regex over full names, as PEFT takes them
     lm_head: bool = False  # lora family: also a LoRA on the output head (lets a frozen head grow confident)
     dim: int = 16  # bottleneck: adapter dimension d (seed 003's best: 16); tinytl: branch width; prefix MLP width
     groups: int = 2  # bottleneck: groups k of the up-projection (seed 003's best: 2); tinytl: norm groups; divides dim
@@ -72,6 +74,15 @@ class LoraConfig:
         _check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
         _check(self.preset in PRESETS, "lora.preset", f"must be one of {PRESETS}")
         _check(self.dim % self.groups == 0, "lora.groups", f"must divide lora.dim ({self.dim}), got {self.groups}")
+        if self.target_modules is not None:
+            _check(self.method in PEFT_METHODS, "lora.target_modules",
+                   f"applies to the PEFT methods {list(PEFT_METHODS)}; {self.method} places itself by lora.preset")
+            _check(bool(self.target_modules), "lora.target_modules", "must name at least one module (or leave it out)")
+            if isinstance(self.target_modules, str):
+                try:
+                    re.compile(self.target_modules)
+                except re.error as error:
+                    raise ConfigError(f"lora.target_modules: not a valid regex ({error})") from None
 
 
 SELECT_BY = ("diversity", "random")

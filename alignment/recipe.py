@@ -41,9 +41,7 @@ def _build(cls, raw, where: str):
             warnings.warn(f"{where}.{old} is renamed {new}; the old key will stop working", FutureWarning, stacklevel=2)
             raw.setdefault(new, raw.pop(old))
     names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    _refuse_unknown(set(raw) - set(names), names, where)
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in raw.items():
@@ -52,6 +50,30 @@ def _build(cls, raw, where: str):
         return cls(**values)
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
+
+
+def _did_you_mean(words, valid) -> str:
+    """`; did you mean 'x'?` for the closest of `valid` (or of a renamed key's old name) to a misspelt word,
+    `; did you mean 'x' for 'w'?` for each of several words; '' where nothing is close."""
+    import difflib
+
+    renamed = {old: new for old, new in RENAMED_KEYS.items() if new in valid}  # learning_rat -> learning_rate -> lr
+    candidates = [str(v) for v in valid] + list(renamed)
+    close = [difflib.get_close_matches(str(word), candidates, n=1, cutoff=0.6) for word in words]
+    guesses = [(word, renamed.get(c[0], c[0])) for word, c in zip(words, close) if c]
+    if len(words) == 1:
+        return f"; did you mean {guesses[0][1]!r}?" if guesses else ""
+    return "".join(f"; did you mean {new!r} for {str(word)!r}?" for word, new in guesses)
+
+
+def _refuse_unknown(unknown: set, valid, where: str) -> None:
+    """A `ConfigError` naming the unknown keys of section `where` ('' at the top), the valid keys, and a
+    "did you mean" for misspellings."""
+    if not unknown:
+        return
+    unknown = sorted(unknown, key=str)
+    raise ConfigError(f"{where + ': ' if where else ''}unknown key(s) {unknown}; valid keys: {sorted(valid)}"
+                      f"{_did_you_mean(unknown, valid)}")
 
 
 def _coerce(hint, value, where: str):
@@ -91,7 +113,8 @@ def _stage(raw, index: int) -> StageConfig:
         raise ConfigError(f"{where}: each stage needs a `type` ({' | '.join(STAGE_CONFIGS)})")
     kind = raw["type"]
     if kind not in STAGE_CONFIGS:
-        raise ConfigError(f"{where}.type: unknown stage type {kind!r}; valid: {sorted(STAGE_CONFIGS)}")
+        raise ConfigError(f"{where}.type: unknown stage type {kind!r}; valid: {sorted(STAGE_CONFIGS)}"
+                          f"{_did_you_mean([kind], STAGE_CONFIGS)}")
     return _build(STAGE_CONFIGS[kind], raw, where)
 
 
@@ -104,10 +127,8 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>") -> RecipeConfig:
         if not isinstance(stages, list) or not stages:
             raise ConfigError("stages: a recipe needs a non-empty list of stages")
         built = [_stage(s, i) for i, s in enumerate(stages)]
-        names = {f.name for f in dataclasses.fields(RecipeConfig)} - {"stages"}
-        unknown = sorted(set(raw) - names)
-        if unknown:
-            raise ConfigError(f"unknown key(s) {unknown}; valid keys: {sorted(names | {'stages'})}")
+        names = {f.name for f in dataclasses.fields(RecipeConfig)}
+        _refuse_unknown(set(raw) - names - {"stages"}, names, "")
         hints = typing.get_type_hints(RecipeConfig)
         values = {k: _coerce(hints[k], v, k) for k, v in raw.items()}
         recipe = RecipeConfig(**values, stages=built)

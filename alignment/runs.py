@@ -21,6 +21,12 @@ from alignment.recipe import RECIPE_FILE, load_recipe, model_dtype
 def open_stage(target: str | os.PathLike, recipe_path: str | None = None, overrides=()):
     """(recipe with `overrides`, stage index, saved recipe) for `RUN_DIR/STAGE`; output_dir = RUN_DIR."""
     folder = Path(target)
+    if (folder / RECIPE_FILE).exists() and not recipe_path:  # RUN_DIR itself: name its stages
+        stages = [stage.name for stage in load_recipe(folder / RECIPE_FILE).stages]
+        finished = [name for name in stages if (folder / name / ADAPTER_FILE).exists()]
+        raise ConfigError(f"{folder} is a run folder; give one of its stages as RUN_DIR/STAGE: "
+                          + ", ".join(str(folder / name) for name in (finished or stages))
+                          + ("" if finished else " (none has finished)"))
     run_dir = folder.parent
     recipe_file = Path(recipe_path) if recipe_path else run_dir / RECIPE_FILE
     if not recipe_file.exists():

@@ -117,6 +117,46 @@ def test_generate_prints_the_answer_the_stage_gave_in_evaluation(run, tmp_path, 
     assert answer == entry["eval"]["samples"][0]["prediction"]
 
 
+def test_generate_samples_several_answers_with_a_seed(run, tmp_path, capsys):
+    """--num-samples answers at --temperature: one a line, the same for the same --seed; bad values refused."""
+    example = held_out(run, "dpo")[0]
+    image = tmp_path / "cover.png"
+    example["image"].save(image)
+    argv = ["generate", str(run / "dpo"), "--image", str(image), "--question", example["question"],
+            "--temperature", "5", "--top-p", "0.95", "--num-samples", "4", "--max-new-tokens", "6"]
+    capsys.readouterr()
+    assert main([*argv, "--seed", "1"]) == 0
+    first = capsys.readouterr().out.splitlines()
+    assert main([*argv, "--seed", "1"]) == 0
+    assert capsys.readouterr().out.splitlines() == first and len(first) == 4
+    assert main([*argv, "--seed", "2"]) == 0
+    assert capsys.readouterr().out.splitlines() != first  # temperature 5 on a tiny model: the seed decides
+    for flags, message in ((["--num-samples", "3"], "with --temperature 0"), (["--top-p", "0"], "--top-p must be"),
+                           (["--temperature", "-1"], "--temperature must be")):
+        assert main(["generate", str(run / "dpo"), "--image", str(image), "--question", "q", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, (flags, err)
+
+
+def test_version_and_grpo_in_the_top_level_help(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"vlm-align {version('vlm-align')}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "GRPO" in capsys.readouterr().out
+
+
+def test_eval_of_a_run_folder_lists_its_stages(run, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {run} is a run folder; give one of its stages as RUN_DIR/STAGE: {run / 'sft'}, "
+                   f"{run / 'dpo'}")
+
+
 def test_errors_are_one_line_with_exit_2(run, tmp_path, capsys):
     cases = [
         (["eval", str(tmp_path / "nowhere" / "sft")], "has no recipe.yaml"),

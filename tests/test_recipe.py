@@ -80,3 +80,17 @@ def test_every_config_field_has_a_doc_line():
     for cls in (DataConfig, SFTConfig):
         docs = field_docs(cls)
         assert all(docs.values()), [k for k, v in docs.items() if not v]
+
+
+@pytest.mark.parametrize("raw, guess", [
+    ({"outptu_dir": "x", "stages": [{"type": "sft"}]}, "did you mean 'output_dir'?"),
+    ({"stages": [{"type": "dpoo"}]}, "did you mean 'dpo'?"),
+    ({"stages": [{"type": "sft", "learning_rat": 1e-3}]}, "did you mean 'lr'?"),  # through the renamed key
+    ({"stages": [{"type": "sft", "lora": {"rr": 4}}]}, "stages.0.lora: unknown key(s) ['rr']"),
+    ({"stages": [{"type": "sft", "bacth_size": 4, "zzz": 1}]}, "did you mean 'batch_size' for 'bacth_size'?"),
+])
+def test_misspelt_keys_and_stage_types_get_a_did_you_mean(raw, guess):
+    with pytest.raises(ConfigError) as error:
+        recipe_from_dict(raw)
+    assert guess in str(error.value)
+    assert "zzz'?" not in str(error.value)  # nothing close: no guess

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from alignment.adapters.menu import PEFT_METHODS, TUNER_PARAM, check_method, own_adapters_class, peft_config
-from alignment.adapters.spec import LoraSpec, resolve_preset
+from alignment.adapters.spec import LoraSpec, resolve_preset, resolve_targets
 
 REFERENCE = "reference"
 PEFT_TYPES = {"ia3": "IA3", "loha": "LOHA"}  # menu method -> PEFT's peft_type where it is not LORA
@@ -56,7 +56,8 @@ class AdapterRoles:
                 raise ValueError(f"adapter {name!r} ({method}) cannot join adapters {self.adapters} of another "
                                  f"kind ({sorted(kinds)}): one model holds adapters of one PEFT type or one own method")
         if method in PEFT_METHODS:
-            targets = spec.target_modules or resolve_preset(self.base_model, spec.preset)
+            targets = (resolve_targets(self.base_model, spec.target_modules) if spec.target_modules
+                       else resolve_preset(self.base_model, spec.preset))
             if spec.lm_head:
                 targets = sorted({*targets, self._output_head_name()})
             self._add_peft(name, peft_config(spec, targets))

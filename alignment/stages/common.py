@@ -19,7 +19,7 @@ def lora_spec(config) -> LoraSpec:
     """The `LoraSpec` of a stage's `lora:` block (any method of the PEFT menu)."""
     lora = config.lora
     return LoraSpec(method=lora.method, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, preset=lora.preset,
-                    lm_head=lora.lm_head, dim=lora.dim, groups=lora.groups, scale=lora.scale, visual_dim=lora.visual_dim,
+                    target_modules=lora.target_modules, lm_head=lora.lm_head, dim=lora.dim, groups=lora.groups, scale=lora.scale, visual_dim=lora.visual_dim,
                     num_virtual_tokens=lora.num_virtual_tokens, prefix_projection=lora.prefix_projection)
 
 
