@@ -66,6 +66,29 @@ def test_merged_model_answers_like_the_adapter(run, merged):
     assert plain == ours and any(ours)
 
 
+def _card_snippet(folder) -> str:
+    card = (folder / "README.md").read_text()
+    return card.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def _run_snippet(code: str, capsys) -> str:
+    capsys.readouterr()
+    exec(compile(code, "card-snippet", "exec"), {})  # the card's code as a user pastes it
+    return capsys.readouterr().out.strip()
+
+
+def test_the_merged_card_snippet_answers_like_vlm_align_generate(run, merged, capsys):
+    """The merged folder carries the run's instruction and stop tokens: its card's plain-transformers snippet,
+    run as written (the shipped sample cover), prints what `vlm-align generate` prints with the adapter."""
+    from alignment.merge import PROMPT_FILE, sample_cover
+
+    prompt = json.loads((merged / PROMPT_FILE).read_text())
+    assert prompt["instruction"] == DEFAULT_INSTRUCTION and "{question}" in prompt["template"]
+    plain = _run_snippet(_card_snippet(merged), capsys)
+    assert main(["generate", str(run / "dpo"), "--image", str(sample_cover()), "--question", "Who wrote this book?"]) == 0
+    assert plain and plain == capsys.readouterr().out.strip()
+
+
 def test_merged_weights_are_base_plus_scaled_lora(run, merged):
     """W' = W + (alpha / r) · B · A on a targeted layer; layers LoRA does not touch are unchanged."""
     from transformers import AutoModelForImageTextToText
