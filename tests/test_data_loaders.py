@@ -152,7 +152,7 @@ def test_rows_with_several_images_keep_them_all_in_order(folder):
         assert [i.getpixel((0, 0)) for i in kept[0]["images"]] == expected and all(i.mode == "RGB" for i in kept[0]["images"])
     write_jsonl(folder / "bad.jsonl", [{"messages": turn, "images": ["imgs/red.png", "imgs/none.png"]}])
     examples, table = load_examples(folder / "bad.jsonl")
-    with pytest.raises(DataValidationError, match="field 'images'"):
+    with pytest.raises(DataValidationError, match=r"bad.jsonl: line 1, field 'images\[1\]'"):
         validate_examples(examples, base_dir=table.base_dir)
 
 
@@ -238,3 +238,4 @@ def test_bad_json_line_is_named(tmp_path):
 ])
 def test_detect_format(columns, expected):
     assert detect_format(columns) == expected
+

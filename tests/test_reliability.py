@@ -133,7 +133,7 @@ def qa(image, answer="Kenji Sato"):
 
 
 def make_data(folder: Path, row: str):
-    """Write a data file whose row 1 (row 0 for too_long) has the problem; (data config, stage type)."""
+    """Write a data file whose line 2 (line 1 for too_long) has the problem; (data config, stage type)."""
     folder.mkdir()
     _png(folder / "a.png")
     data, kind, rows = {"source": str(folder / "rows.jsonl"), "eval_fraction": 0.0}, "sft", None
@@ -160,13 +160,15 @@ def make_data(folder: Path, row: str):
 
 
 DATA_ROWS = {
-    "corrupt image bytes": ("rows.jsonl: row 1, field 'image'", "cannot be decoded as an image", "Re-encode"),
-    "missing image file": ("rows.jsonl: row 1, field 'image'", "gone.png does not exist", "Fix the path"),
-    "image path escaping the data folder": ("rows.jsonl: row 1, field 'image'", "outside the data folder",
+    "corrupt image bytes": ("rows.jsonl: line 2, field 'image'", "cannot be decoded as an image", "Re-encode"),
+    "missing image file": ("rows.jsonl: line 2, field 'image'", "gone.png does not exist", "Fix the path"),
+    "image path escaping the data folder": ("rows.jsonl: line 2, field 'image'", "outside the data folder",
                                             "Keep images inside the data folder"),
-    "empty answer": ("rows.jsonl: row 1, field 'answer'", "empty answer", "Fill in the answer"),
-    "chosen == rejected": ("rows.jsonl: row 1, field 'rejected'", "chosen == rejected", "two different answers"),
-    "longer than max_length": ("rows.jsonl: row 0, field 'answer'", "over max_length=8", "Raise max_length"),
+    "empty answer": ("rows.jsonl: line 2, field 'answers[0]'", "empty answer", "Fill in the answer",
+                     "data.on_error=skip"),
+    "chosen == rejected": ("rows.jsonl: line 2, field 'rejected'", "chosen == rejected", "two different answers"),
+    "longer than max_length": ("rows.jsonl: line 1, field 'answers[0]'", "over max_length=8",
+                               "Raise data.max_length", "data.on_error=skip"),
     "wrong column names": ("rows.jsonl: cannot tell the data format from the columns ['img', 'question_text'",
                            "or set data.format"),
 }
