@@ -190,6 +190,65 @@ def test_catalogue_data_row_through_launch_run_py(tmp_path):
     assert_one_line_error(result.returncode, result.stderr, *DATA_ROWS["corrupt image bytes"])
 
 
+# ----------------------------------------------------------------------------- catalogue: data size
+def five_rows(folder: Path, covers: int = 5) -> dict:
+    """A newcomer's first data set: five rows on `covers` images; the data config (eval_fraction 0.15)."""
+    folder.mkdir()
+    for i in range(covers):
+        _png(folder / f"c{i}.png", (40 * i, 10, 10))
+    _rows(folder / "rows.jsonl", [qa(f"c{i % covers}.png", answer=f"Author {i}") for i in range(5)])
+    return {"source": str(folder / "rows.jsonl"), "eval_fraction": 0.15}
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["--dry-run", "real run"])
+def test_catalogue_batch_larger_than_the_data(tmp_path, capsys, dry_run):
+    """batch_size 32 (the recipes' size) on five rows: one error line, exit 2, from --dry-run (which said
+    "dry run ok" before the run died with a traceback, exit 1) and from a real run; nothing trained."""
+    path = write_recipe(tmp_path / "r.yaml", tmp_path / "out", data=five_rows(tmp_path / "data"), batch_size=32)
+    capsys.readouterr()
+    code = train_main([str(path)] + (["--dry-run"] if dry_run else []))
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, err, "stages.0.batch_size: 32 is more than the 4 training examples of stage 'sft'",
+                          "set stages.0.batch_size=4")
+    assert "dry run ok" not in out and "[sft] data: 4 train, 1 val" in out  # five rows: one held out for val
+    assert not (tmp_path / "out" / "sft").exists()
+
+
+def test_catalogue_no_val_examples(tmp_path, capsys):
+    """Five rows on one image (no second image to hold out): no val split. The run trains, says so in one
+    warning line, and no val metric appears as 0.0: not on the console, not in report.json, not in the card."""
+    path = write_recipe(tmp_path / "r.yaml", tmp_path / "out", data=five_rows(tmp_path / "data", covers=1),
+                        max_steps=2)
+    capsys.readouterr()
+    assert train_main([str(path)]) == 0
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("warning: no val examples")]
+    assert len(warnings) == 1 and "split: val" in warnings[0] and "data.eval_fraction" in warnings[0], out
+    assert "[sft] data: 5 train, 0 val, 0 test" in out and "sft [val]" not in out
+    stage = json.loads((tmp_path / "out" / "report.json").read_text())["stages"][0]
+    assert "eval" not in stage and "test" not in stage and stage["steps"] == 2
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "No val examples, so no val metrics" in card and "| metric | val | test |" not in card
+
+
+def test_catalogue_image_over_40_megapixels(tmp_path, capsys, monkeypatch):
+    """One warning line names the largest image and the resize tiny-mllama's processor applies anyway
+    (the threshold is lowered here so that the test's images stay small)."""
+    from alignment.data import images
+
+    monkeypatch.setattr(images, "LARGE_IMAGE_PIXELS", 30 * 30)
+    from PIL import Image
+
+    data = five_rows(tmp_path / "data")  # 16x16 images: small
+    Image.new("RGB", (64, 48)).save(tmp_path / "data" / "c1.png")
+    Image.new("RGB", (40, 40)).save(tmp_path / "data" / "c3.png")
+    path = write_recipe(tmp_path / "r.yaml", tmp_path / "out", data=data)
+    assert train_main([str(path), "--dry-run"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: image")]
+    assert lines == ["warning: image c1.png is 64x48 (0 megapixels) and 1 more; the model's processor resizes it to "
+                     "fit 1 tile of 112x112 anyway: shrink such images beforehand to save memory and time"], lines
+
+
 # ----------------------------------------------------------------------------- catalogue: loop
 def test_all_labels_masked_step_contributes_nothing(tmp_path, capsys):
     """Step 2's batch has no counted token: no NaN, the step is skipped (Adam's momentum must not move w)."""
