@@ -306,6 +306,21 @@ def build_data(recipe: RecipeConfig, stage: StageConfig, processor, policy=None)
     return train, evaluation, report
 
 
+def _check_data(recipe: RecipeConfig, datasets: dict, accelerator, processor) -> None:
+    """Before any step: one warning line each for absent val examples and huge images; a `ConfigError`
+    when a stage's training examples do not fill one batch (`alignment.run_checks`)."""
+    from tqdm.auto import tqdm
+
+    from alignment.run_checks import check_batches_fit, large_images_warning, no_val_warning
+
+    if accelerator.is_main_process:
+        for line in (no_val_warning(recipe, datasets),
+                     large_images_warning(datasets, getattr(processor, "image_processor", None))):
+            if line:
+                tqdm.write(line)
+    check_batches_fit(recipe, datasets, accelerator.num_processes)
+
+
 def _write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
@@ -382,6 +397,7 @@ def _run_recipe(recipe: RecipeConfig, dry_run: bool, accelerator) -> dict:
         if accelerator.is_main_process:
             tqdm.write(f"[{stage.name}] data: {len(train)} train, {len(evaluation)} val, "
                        f"{len(tests[task])} test; {report.summary()}")
+    _check_data(recipe, datasets, accelerator, policy.processor)
     if dry_run:  # one real micro-batch per stage through the real processor and model
         from alignment.stages.probe import describe_probe, probe_stage
 

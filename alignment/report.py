@@ -83,18 +83,26 @@ def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _numbers(metrics: dict | None) -> dict:
+    """The numeric metrics of an `eval` / `test` block (absent: none)."""
+    return {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def _stage_section(stage: dict) -> list[str]:
     lines = [f"### {stage['name']} ({stage['type']})", "",
              f"{stage.get('steps', '?')} steps in {_fmt(stage.get('seconds'))} s. "
              f"Training loss {_fmt(stage.get('train', {}).get('loss_first'))} -> "
-             f"{_fmt(stage.get('train', {}).get('loss_last'))}.", "",
-             "| metric | val | test |", "|---|---|---|"]
-    metrics = {k: v for k, v in stage.get("eval", {}).items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    test = stage.get("test") or {}
-    lines += [f"| {key} | {_fmt(value)} | {_fmt(test.get(key)) if key in test else '-'} |"
-              for key, value in metrics.items()]
-    samples = stage.get("eval", {}).get("samples") or []
+             f"{_fmt(stage.get('train', {}).get('loss_last'))}.", ""]
+    val, test = _numbers(stage.get("eval")), _numbers(stage.get("test"))
+    if val or test:
+        lines += ["| metric | val | test |", "|---|---|---|"]
+        lines += [f"| {key} | {_fmt(val[key]) if key in val else '-'} | {_fmt(test[key]) if key in test else '-'} |"
+                  for key in {**val, **test}]
+    if "eval" not in stage:
+        lines += [""] if val or test else []
+        lines.append("No val examples, so no val metrics: tag rows `split: val` in the data or raise "
+                     "`data.eval_fraction` to get them.")
+    samples = (stage.get("eval") or {}).get("samples") or []
     if samples:
         lines += ["", "Held-out examples (greedy):", "", "| question | reference | answer |", "|---|---|---|"]
         lines += [f"| {_cell(s.get('question', ''))} | {_cell(s.get('answer', ''))} | {_cell(s.get('prediction', ''))} |"

@@ -152,7 +152,7 @@ def test_rows_with_several_images_keep_them_all_in_order(folder):
         assert [i.getpixel((0, 0)) for i in kept[0]["images"]] == expected and all(i.mode == "RGB" for i in kept[0]["images"])
     write_jsonl(folder / "bad.jsonl", [{"messages": turn, "images": ["imgs/red.png", "imgs/none.png"]}])
     examples, table = load_examples(folder / "bad.jsonl")
-    with pytest.raises(DataValidationError, match="field 'images'"):
+    with pytest.raises(DataValidationError, match=r"bad.jsonl: line 1, field 'images\[1\]'"):
         validate_examples(examples, base_dir=table.base_dir)
 
 
@@ -238,3 +238,20 @@ def test_bad_json_line_is_named(tmp_path):
 ])
 def test_detect_format(columns, expected):
     assert detect_format(columns) == expected
+
+
+def test_small_data_holds_one_image_out_for_val(tmp_path):
+    """Five rows on five images with eval_fraction 0.01: no hash draw lands under 0.01, yet one image is held
+    out (the lowest draw); eval_fraction 0 holds none; an eval_fraction close to 1 still leaves one image to
+    train on; rows on one image cannot be split by image and all train (whatever that image draws)."""
+    for i in range(5):
+        (tmp_path / f"c{i}.png").write_bytes(png((40 * i, 0, 0)))
+    rows = [{"image": f"c{i}.png", "questions": ["Who wrote this book?"], "answers": [f"Author {i}"]} for i in range(5)]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    for fraction, sizes in ((0.01, (4, 1)), (0.0, (5, 0)), (0.99, (1, 4))):
+        train, evaluation, _ = build_datasets(str(path), eval_fraction=fraction, sft_verbose_fraction=0.0)
+        assert (len(train), len(evaluation)) == sizes, fraction
+        assert not {e["image_id"] for e in train} & {e["image_id"] for e in evaluation}
+    one = write_jsonl(tmp_path / "one.jsonl", [{**r, "image": "c0.png"} for r in rows])
+    train, evaluation, _ = build_datasets(str(one), eval_fraction=0.9, sft_verbose_fraction=0.0)  # c0 draws 0.74
+    assert (len(train), len(evaluation)) == (5, 0)

@@ -35,7 +35,7 @@ def check(bad, reason, field, tmp_path, match, **kwargs):
     examples = [example(0), bad, example(2)]
     with pytest.raises(DataValidationError, match=match) as info:
         validate_examples(examples, base_dir=tmp_path, **kwargs)
-    assert f"data.jsonl: row 1, field '{field}'" in str(info.value)
+    assert f"data.jsonl: row 2, field '{field}'" in str(info.value)  # row index 1: the second row
     kept, report = validate_examples(examples, base_dir=tmp_path, policy="skip", **kwargs)
     assert [k["id"] for k in kept] == ["s0", "s2"]
     assert report.skipped == {reason: 1} and report.total == 3 and report.kept == 2
@@ -149,7 +149,7 @@ def test_build_datasets_names_the_file_row_and_field(tmp_path):
             {"image": "a.png", "questions": ["What is the title of this book?"], "answers": [""]}]
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(DataValidationError, match=r"rows.jsonl: row 2, field 'ocrvqa': malformed ocrvqa row"):
+    with pytest.raises(DataValidationError, match=r"rows.jsonl: line 3, field 'ocrvqa': malformed ocrvqa row"):
         build_datasets(str(path), eval_fraction=0.0)
     train, evaluation, report = build_datasets(str(path), eval_fraction=0.0, validation="skip",
                                                sft_verbose_fraction=1.0)
@@ -160,4 +160,66 @@ def test_build_datasets_names_the_file_row_and_field(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataValidationError) as info:
         build_datasets(str(path), eval_fraction=0.0)
-    assert f"{path}: row 1, field 'image'" in str(info.value) and "gone.png" in str(info.value)
+    assert f"{path}: line 2, field 'image'" in str(info.value) and "gone.png" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- errors in the user's words
+def _data_file(tmp_path, rows, name="rows.jsonl", blank_lines_before=()):
+    """A JSON lines file of `rows` (blank lines before the rows whose index is listed) next to a.png."""
+    (tmp_path / "a.png").write_bytes(png())
+    text = "".join(("\n" if i in blank_lines_before else "") + json.dumps(r) + "\n" for i, r in enumerate(rows))
+    (tmp_path / name).write_text(text)
+    return tmp_path / name
+
+
+def _first_error(path, **kwargs) -> str:
+    with pytest.raises(DataValidationError) as info:
+        build_datasets(str(path), eval_fraction=0.0, **kwargs)
+    return str(info.value)
+
+
+def test_errors_name_the_line_the_field_and_the_recipe_key(tmp_path):
+    """A messages row with an empty second turn answer, after a blank line: the error names the file's
+    line (from 1, blank lines counted), the row's own field `messages[3].content`, and the recipe key
+    `data.on_error=skip` (not the internal `policy='skip'`, not a field `'answer'` the row lacks)."""
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Who wrote this book?"}]},
+            {"role": "assistant", "content": "Kenji Sato"}]
+    rows = [{"messages": turn, "images": ["a.png"]},
+            {"messages": turn + [{"role": "user", "content": "Is it a novel?"}, {"role": "assistant", "content": " "}],
+             "images": ["a.png"]}]
+    message = _first_error(_data_file(tmp_path, rows, blank_lines_before={1}))
+    assert message.startswith(f"{tmp_path / 'rows.jsonl'}: line 3, field 'messages[3].content': empty answer"), message
+    assert "data.on_error=skip" in message and "policy=" not in message
+
+
+def test_errors_of_preference_messages_and_qa_rows(tmp_path):
+    pair = {"prompt": [{"role": "user", "content": "Who wrote this book?"}], "images": "a.png",
+            "chosen": [{"role": "assistant", "content": "Kenji Sato"}],
+            "rejected": [{"role": "assistant", "content": "Kenji Sato"}]}
+    message = _first_error(_data_file(tmp_path, [pair], "pairs.jsonl"), task="preference")
+    assert "pairs.jsonl: line 1, field 'rejected[0].content': chosen == rejected" in message, message
+    qa = [{"image": "a.png", "questions": ["Who wrote this book?", "Is it a novel?"], "answers": ["Kenji Sato", ""]}]
+    message = _first_error(_data_file(tmp_path, qa, "qa.jsonl"), sft_verbose_fraction=0.0)
+    assert "qa.jsonl: line 1, field 'answers[1]': empty answer" in message, message
+
+
+def test_malformed_row_and_parquet_rows_count_from_one(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"image": "a.png", "questions": ["Who wrote this book?"], "answers": ["Kenji Sato"]},
+            {"image": "a.png", "questions": ["Who wrote this book?", "Extra?"], "answers": ["Kenji Sato"]}]
+    message = _first_error(_data_file(tmp_path, rows))
+    assert "rows.jsonl: line 2, field 'ocrvqa': malformed ocrvqa row" in message and "data.on_error=skip" in message
+    rows[1] = {"image": "a.png", "questions": ["Who wrote this book?"], "answers": [""]}
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+    message = _first_error(tmp_path / "rows.parquet", sft_verbose_fraction=0.0)
+    assert "rows.parquet: row 2, field 'answers[0]': empty answer" in message, message
+
+
+def test_too_long_names_the_recipe_keys(tmp_path):
+    rows = [{"image": "a.png", "questions": ["Who wrote this book?"], "answers": ["Kenji Sato " * 20]}]
+    message = _first_error(_data_file(tmp_path, rows), tokenizer=whitespace_tokenizer, max_length=8,
+                           sft_verbose_fraction=0.0)
+    assert "line 1, field 'answers[0]': prompt + answer is" in message, message
+    assert "Raise data.max_length" in message and "data.on_error=skip" in message

@@ -133,7 +133,7 @@ def qa(image, answer="Kenji Sato"):
 
 
 def make_data(folder: Path, row: str):
-    """Write a data file whose row 1 (row 0 for too_long) has the problem; (data config, stage type)."""
+    """Write a data file whose line 2 (line 1 for too_long) has the problem; (data config, stage type)."""
     folder.mkdir()
     _png(folder / "a.png")
     data, kind, rows = {"source": str(folder / "rows.jsonl"), "eval_fraction": 0.0}, "sft", None
@@ -160,13 +160,15 @@ def make_data(folder: Path, row: str):
 
 
 DATA_ROWS = {
-    "corrupt image bytes": ("rows.jsonl: row 1, field 'image'", "cannot be decoded as an image", "Re-encode"),
-    "missing image file": ("rows.jsonl: row 1, field 'image'", "gone.png does not exist", "Fix the path"),
-    "image path escaping the data folder": ("rows.jsonl: row 1, field 'image'", "outside the data folder",
+    "corrupt image bytes": ("rows.jsonl: line 2, field 'image'", "cannot be decoded as an image", "Re-encode"),
+    "missing image file": ("rows.jsonl: line 2, field 'image'", "gone.png does not exist", "Fix the path"),
+    "image path escaping the data folder": ("rows.jsonl: line 2, field 'image'", "outside the data folder",
                                             "Keep images inside the data folder"),
-    "empty answer": ("rows.jsonl: row 1, field 'answer'", "empty answer", "Fill in the answer"),
-    "chosen == rejected": ("rows.jsonl: row 1, field 'rejected'", "chosen == rejected", "two different answers"),
-    "longer than max_length": ("rows.jsonl: row 0, field 'answer'", "over max_length=8", "Raise max_length"),
+    "empty answer": ("rows.jsonl: line 2, field 'answers[0]'", "empty answer", "Fill in the answer",
+                     "data.on_error=skip"),
+    "chosen == rejected": ("rows.jsonl: line 2, field 'rejected'", "chosen == rejected", "two different answers"),
+    "longer than max_length": ("rows.jsonl: line 1, field 'answers[0]'", "over max_length=8",
+                               "Raise data.max_length", "data.on_error=skip"),
     "wrong column names": ("rows.jsonl: cannot tell the data format from the columns ['img', 'question_text'",
                            "or set data.format"),
 }
@@ -186,6 +188,65 @@ def test_catalogue_data_row_through_launch_run_py(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), str(path)], env=env(),
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert_one_line_error(result.returncode, result.stderr, *DATA_ROWS["corrupt image bytes"])
+
+
+# ----------------------------------------------------------------------------- catalogue: data size
+def five_rows(folder: Path, covers: int = 5) -> dict:
+    """A newcomer's first data set: five rows on `covers` images; the data config (eval_fraction 0.15)."""
+    folder.mkdir()
+    for i in range(covers):
+        _png(folder / f"c{i}.png", (40 * i, 10, 10))
+    _rows(folder / "rows.jsonl", [qa(f"c{i % covers}.png", answer=f"Author {i}") for i in range(5)])
+    return {"source": str(folder / "rows.jsonl"), "eval_fraction": 0.15}
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["--dry-run", "real run"])
+def test_catalogue_batch_larger_than_the_data(tmp_path, capsys, dry_run):
+    """batch_size 32 (the recipes' size) on five rows: one error line, exit 2, from --dry-run (which said
+    "dry run ok" before the run died with a traceback, exit 1) and from a real run; nothing trained."""
+    path = write_recipe(tmp_path / "r.yaml", tmp_path / "out", data=five_rows(tmp_path / "data"), batch_size=32)
+    capsys.readouterr()
+    code = train_main([str(path)] + (["--dry-run"] if dry_run else []))
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, err, "stages.0.batch_size: 32 is more than the 4 training examples of stage 'sft'",
+                          "set stages.0.batch_size=4")
+    assert "dry run ok" not in out and "[sft] data: 4 train, 1 val" in out  # five rows: one held out for val
+    assert not (tmp_path / "out" / "sft").exists()
+
+
+def test_catalogue_no_val_examples(tmp_path, capsys):
+    """Five rows on one image (no second image to hold out): no val split. The run trains, says so in one
+    warning line, and no val metric appears as 0.0: not on the console, not in report.json, not in the card."""
+    path = write_recipe(tmp_path / "r.yaml", tmp_path / "out", data=five_rows(tmp_path / "data", covers=1),
+                        max_steps=2)
+    capsys.readouterr()
+    assert train_main([str(path)]) == 0
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("warning: no val examples")]
+    assert len(warnings) == 1 and "split: val" in warnings[0] and "data.eval_fraction" in warnings[0], out
+    assert "[sft] data: 5 train, 0 val, 0 test" in out and "sft [val]" not in out
+    stage = json.loads((tmp_path / "out" / "report.json").read_text())["stages"][0]
+    assert "eval" not in stage and "test" not in stage and stage["steps"] == 2
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "No val examples, so no val metrics" in card and "| metric | val | test |" not in card
+
+
+def test_catalogue_image_over_40_megapixels(tmp_path, capsys, monkeypatch):
+    """One warning line names the largest image and the resize tiny-mllama's processor applies anyway
+    (the threshold is lowered here so that the test's images stay small)."""
+    from alignment.data import images
+
+    monkeypatch.setattr(images, "LARGE_IMAGE_PIXELS", 30 * 30)
+    from PIL import Image
+
+    data = five_rows(tmp_path / "data")  # 16x16 images: small
+    Image.new("RGB", (64, 48)).save(tmp_path / "data" / "c1.png")
+    Image.new("RGB", (40, 40)).save(tmp_path / "data" / "c3.png")
+    path = write_recipe(tmp_path / "r.yaml", tmp_path / "out", data=data)
+    assert train_main([str(path), "--dry-run"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: image")]
+    assert lines == ["warning: image c1.png is 64x48 (0 megapixels) and 1 more; the model's processor resizes it to "
+                     "fit 1 tile of 112x112 anyway: shrink such images beforehand to save memory and time"], lines
 
 
 # ----------------------------------------------------------------------------- catalogue: loop

@@ -10,7 +10,9 @@ Formats (``data.format``; detected from the columns when not given):
 
 An example shows one ``image``, or ``images`` (a list, in placeholder order) when its row holds several
 (messages, preference and rlaifv rows may: ``images: [a, b]``); a preference pair's rows share all of them.
-Images stay undecoded here; ``validate_examples`` opens them.
+Images stay undecoded here; ``validate_examples`` opens them. Each example carries ``fields``: the row's
+field each of its values came from (``{"answer": "messages[1].content", "images": ["images[0]"]}``), so
+that an error names the field the user wrote.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 import re
 from typing import Any
 
-from alignment.data.errors import DataSourceError, row_error
+from alignment.data.errors import SKIP_HINT, DataSourceError, row_error
 from alignment.data.images import image_fingerprint
 from alignment.data.tables import Table, read_table
 from alignment.data.transforms import question_kind, split_qa
@@ -76,41 +78,50 @@ def _text(content: Any) -> str:
     return " ".join(_IMAGE_PLACEHOLDER.sub(" ", str(content or "")).split())
 
 
-def _turns_text(value: Any, role: str) -> str:
-    """A string, or the text of the last ``role`` message of a message list."""
+def _turns_text(value: Any, role: str, column: str) -> tuple[str, str]:
+    """(text, field): a string column, or the last ``role`` message of a message list
+    (field ``column[k].content``)."""
     if isinstance(value, list):
-        texts = [_text(m.get("content")) for m in value if isinstance(m, dict) and m.get("role") == role]
-        if not texts:
+        found = [(k, m) for k, m in enumerate(value) if isinstance(m, dict) and m.get("role") == role]
+        if not found:
             raise ValueError(f"no {role!r} message")
-        return texts[-1]
-    return _text(value)
+        k, message = found[-1]
+        return _text(message.get("content")), f"{column}[{k}].content"
+    return _text(value), column
 
 
-def _image_fields(row: dict[str, Any]) -> dict[str, Any]:
-    """``{"image_id", "image"}`` for a row with one image, ``{"image_id", "images"}`` for several (ids of
-    each joined by '+'), from its ``images`` (a list or one value) or ``image`` column."""
-    images = row["images"] if "images" in row else row.get("image")
-    images = list(images) if isinstance(images, list | tuple) else [images]
+def _image_fields(row: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(``{"image_id", "image"}`` for a row with one image, ``{"image_id", "images"}`` for several (ids of
+    each joined by '+'), the field of each image), from its ``images`` (a list or one value) or ``image``
+    column."""
+    column = "images" if "images" in row else "image"
+    images = row.get(column)
+    listed = isinstance(images, list | tuple)
+    images = list(images) if listed else [images]
     if not images:
         raise ValueError("no image")
+    fields = [f"{column}[{k}]" for k in range(len(images))] if listed else [column]
     image_id = str(row.get("image_id") or "+".join(image_fingerprint(i) for i in images))
-    return {"image_id": image_id, "image": images[0]} if len(images) == 1 else {"image_id": image_id, "images": images}
+    shown = {"image_id": image_id, "image": images[0]} if len(images) == 1 else {"image_id": image_id, "images": images}
+    return shown, fields
 
 
 def _messages_examples(row: dict[str, Any], source: str, index: int) -> list[dict[str, Any]]:
-    shown = _image_fields(row)
+    shown, image_fields = _image_fields(row)
     image_id = shown["image_id"]
     examples, question = [], None
-    for message in row["messages"]:
+    for k, message in enumerate(row["messages"]):
         role, text = message.get("role"), _text(message.get("content"))
         if role == "user":
-            question = text
+            question, asked = text, f"messages[{k}].content"
         elif role == "assistant":
             if question is None:
-                raise ValueError("an assistant message comes before any user message")
+                raise ValueError(f"messages[{k}] (assistant) comes before any user message")
+            fields = {"question": asked, "answer": f"messages[{k}].content", "images": image_fields}
             examples.append({"id": f"{row.get('id') or f'{image_id}/r{index}'}/t{len(examples)}", **shown,
                              "question": question, "answer": text,
-                             "kind": question_kind(question, text), "source": source, "row": index})
+                             "kind": question_kind(question, text), "source": source, "row": index,
+                             "fields": fields})
             question = None
     if not examples:
         raise ValueError("no user/assistant turn")
@@ -118,13 +129,17 @@ def _messages_examples(row: dict[str, Any], source: str, index: int) -> list[dic
 
 
 def _preference_example(row: dict[str, Any], source: str, index: int, fmt: str) -> list[dict[str, Any]]:
-    shown = _image_fields(row)
+    shown, image_fields = _image_fields(row)
     image_id = shown["image_id"]
-    question = _turns_text(row["prompt"], "user") if fmt == "preference" else _text(row["question"])
-    chosen, rejected = _turns_text(row["chosen"], "assistant"), _turns_text(row["rejected"], "assistant")
+    question, asked = (_turns_text(row["prompt"], "user", "prompt") if fmt == "preference"
+                       else (_text(row["question"]), "question"))
+    (chosen, chosen_field), (rejected, rejected_field) = (
+        _turns_text(row["chosen"], "assistant", "chosen"), _turns_text(row["rejected"], "assistant", "rejected"))
+    fields = {"question": asked, "chosen": chosen_field, "rejected": rejected_field, "answer": chosen_field,
+              "images": image_fields}
     return [{"id": str(row.get("id") or f"{image_id}/r{index}"), **shown,
              "question": question, "chosen": chosen, "rejected": rejected, "answer": chosen,
-             "kind": question_kind(question, chosen), "source": source, "row": index}]
+             "kind": question_kind(question, chosen), "source": source, "row": index, "fields": fields}]
 
 
 def to_examples(table: Table, fmt: str | None = None, *, policy: str = "error",
@@ -132,15 +147,17 @@ def to_examples(table: Table, fmt: str | None = None, *, policy: str = "error",
     """Examples from ``table``'s rows (images undecoded); each carries ``source``, ``row`` and
     ``split`` (the row's split tag: set_name/split column, or the hub split; None if unknown).
 
-    A row that cannot be read raises ``DataValidationError`` (policy "error") or is counted as
-    ``malformed_row`` in ``report`` (policy "skip").
+    A row that cannot be read raises ``DataValidationError`` (policy "error", the recipe's
+    ``data.on_error``) or is counted as ``malformed_row`` in ``report`` (policy "skip"); examples of a
+    JSON lines file carry their ``line`` (from 1) for error messages.
     """
     check_policy(policy)
     source = table.names[0] if table.names else "<data>"
     fmt = fmt or detect_format(table.columns, source)
     check_columns(table.columns, fmt, source)
     examples = []
-    for row, name, index, split in zip(table.rows, table.names, table.indices, table.splits):
+    lines = table.lines or [None] * len(table.rows)
+    for row, name, index, split, line in zip(table.rows, table.names, table.indices, table.splits, lines):
         try:
             if fmt == "ocrvqa":
                 made = split_qa(row, source=name, row_index=index)
@@ -151,14 +168,14 @@ def to_examples(table: Table, fmt: str | None = None, *, policy: str = "error",
         except (KeyError, ValueError, TypeError, AttributeError) as err:
             if policy == "error":
                 raise row_error(name, index, fmt, f"malformed {fmt} row ({type(err).__name__}: {err})",
-                                f"Make the row match the {fmt} format ({', '.join(FORMATS[fmt])}) "
-                                "or validate with policy='skip'") from err
+                                f"Make the row match the {fmt} format ({', '.join(FORMATS[fmt])}), "
+                                f"{SKIP_HINT}", line) from err
             if report is not None:
                 report.total += 1
                 report.skipped["malformed_row"] += 1
             continue
         tag = split or row.get("set_name") or row.get("split")
-        examples.extend({**e, "split": tag if isinstance(tag, str) else None} for e in made)
+        examples.extend({**e, "split": tag if isinstance(tag, str) else None, "line": line} for e in made)
     return _unique_ids(examples)
 
 

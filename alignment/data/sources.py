@@ -27,18 +27,33 @@ def _in_split(tag: str | None, name: str) -> bool:
     return tag is not None and tag.lower() in _SPLIT_ALIASES.get(name.lower(), {name.lower()})
 
 
+def _cover_draw(image_id: str) -> float:
+    """A fixed pseudo-random number in [0, 1) per cover: covers drawing under ``eval_fraction`` are held out."""
+    return int(hashlib.sha1(image_id.encode()).hexdigest()[:8], 16) / 2**32
+
+
 def _is_eval_cover(image_id: str, eval_fraction: float) -> bool:
     """A fixed pseudo-random draw per cover, so a cover never lands in both splits."""
-    return int(hashlib.sha1(image_id.encode()).hexdigest()[:8], 16) / 2**32 < eval_fraction
+    return _cover_draw(image_id) < eval_fraction
 
 
 def split_by_cover(examples: list[dict[str, Any]], eval_fraction: float) -> tuple[list[dict], list[dict]]:
-    """(train, eval) with about ``eval_fraction`` of the distinct ``image_id`` s in eval."""
+    """(train, eval) with about ``eval_fraction`` of the distinct ``image_id`` s in eval.
+
+    Small data sets: train is never left empty by the draw (the highest-drawn cover goes back to train),
+    and with ``eval_fraction > 0`` and at least two covers eval is not either (the lowest-drawn cover is
+    held out)."""
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    covers = sorted({e["image_id"] for e in examples}, key=_cover_draw)
+    held = {c for c in covers if _is_eval_cover(c, eval_fraction)}
+    if covers and len(held) == len(covers):
+        held.discard(covers[-1])
+    if eval_fraction > 0 and not held and len(covers) >= 2:
+        held = {covers[0]}
     train, evaluation = [], []
     for example in examples:
-        (evaluation if _is_eval_cover(example["image_id"], eval_fraction) else train).append(example)
+        (evaluation if example["image_id"] in held else train).append(example)
     return train, evaluation
 
 

@@ -22,14 +22,15 @@ TABLE_SUFFIXES = (".parquet", ".jsonl", ".json", ".arrow")
 class Table:
     """Rows read from one source. ``splits[i]`` is row i's split when the source has several
     (hub or ``save_to_disk`` splits), else None; ``base_dir`` is the folder image paths are
-    relative to; ``names[i]`` is the file (or ``name[split]``) row i came from and ``indices[i]``
-    its index there."""
+    relative to; ``names[i]`` is the file (or ``name[split]``) row i came from, ``indices[i]``
+    its index there and ``lines[i]`` its line in a JSON lines file (counted from 1; None elsewhere)."""
 
     rows: list[dict[str, Any]]
     base_dir: Path
     names: list[str] = field(default_factory=list)
     indices: list[int] = field(default_factory=list)
     splits: list[str | None] = field(default_factory=list)
+    lines: list[int | None] = field(default_factory=list)
 
     @property
     def columns(self) -> list[str]:
@@ -38,19 +39,22 @@ class Table:
             seen.update(dict.fromkeys(row))
         return list(seen)
 
-    def extend(self, rows: list[dict[str, Any]], name: str, split: str | None = None) -> None:
+    def extend(self, rows: list[dict[str, Any]], name: str, split: str | None = None,
+               lines: list[int] | None = None) -> None:
         self.rows.extend(rows)
         self.names.extend([name] * len(rows))
         self.indices.extend(range(len(rows)))
         self.splits.extend([split] * len(rows))
+        self.lines.extend(lines[: len(rows)] if lines is not None else [None] * len(rows))
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
+    """(rows, their lines counted from 1), or (rows, None) for a JSON array file."""
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        rows = json.loads(text)
+        rows, numbers = json.loads(text), None
     else:
-        rows = []
+        rows, numbers = [], []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
@@ -58,10 +62,12 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise DataSourceError(f"{path}: line {number} is not valid JSON ({err}); fix or remove the line") from err
+            numbers.append(number)
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise DataSourceError(f"{path}: row {i} is a {type(row).__name__}, expected a JSON object")
-    return rows
+            place = f"line {numbers[i]}" if numbers is not None else f"row {i + 1}"
+            raise DataSourceError(f"{path}: {place} is a {type(row).__name__}, expected a JSON object")
+    return rows, numbers
 
 
 def _read_arrow(path: Path) -> list[dict[str, Any]]:
@@ -76,16 +82,17 @@ def _read_arrow(path: Path) -> list[dict[str, Any]]:
     return table.to_pylist()
 
 
-def _read_file(path: Path) -> list[dict[str, Any]]:
+def _read_file(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
+    """(rows, their lines in a JSON lines file, else None)."""
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            return pq.read_table(path).to_pylist()
+            return pq.read_table(path).to_pylist(), None
         if path.suffix in (".jsonl", ".json"):
             return _read_jsonl(path)
         if path.suffix == ".arrow":
-            return _read_arrow(path)
+            return _read_arrow(path), None
     except DataSourceError:
         raise
     except Exception as err:  # pyarrow raises many types for a damaged file
@@ -125,11 +132,11 @@ def _read_folder(folder: Path, max_rows: int | None) -> Table:
             f"relative to the folder), table files ({', '.join(TABLE_SUFFIXES)}), or a save_to_disk folder")
     table = Table([], folder)
     for path in files:
-        rows = _read_file(path)
+        rows, lines = _read_file(path)
         for row in rows:
             if "file_name" in row and "image" not in row:  # the imagefolder convention
                 row["image"] = row.pop("file_name")
-        table.extend(rows[:max_rows] if max_rows is not None else rows, str(path))
+        table.extend(rows[:max_rows] if max_rows is not None else rows, str(path), lines=lines)
     return table
 
 
@@ -147,9 +154,9 @@ def read_table(source: str | os.PathLike, *, max_rows: int | None = None) -> Tab
     if path.is_dir():
         return _read_folder(path, max_rows)
     if path.is_file():
-        rows = _read_file(path)
+        rows, lines = _read_file(path)
         table = Table([], path.parent.resolve())
-        table.extend(rows[:max_rows] if max_rows is not None else rows, str(path))
+        table.extend(rows[:max_rows] if max_rows is not None else rows, str(path), lines=lines)
         return table
     if not _looks_like_hub_name(str(source)):
         raise DataSourceError(f"{source}: no such file or folder")

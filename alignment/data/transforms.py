@@ -43,7 +43,8 @@ def split_qa(row: dict[str, Any], *, source: str, row_index: int) -> list[dict[s
     return [
         {"id": f"{image_id}/q{j}", "image_id": image_id, "image": row["image"],
          "question": (q or "").strip(), "answer": (a or "").strip(),
-         "kind": question_kind(q or "", a or ""), "source": source, "row": row_index}
+         "kind": question_kind(q or "", a or ""), "source": source, "row": row_index,
+         "fields": {"question": f"questions[{j}]", "answer": f"answers[{j}]", "images": ["image"]}}
         for j, (q, a) in enumerate(zip(questions, answers))
     ]
 

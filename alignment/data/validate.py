@@ -6,6 +6,7 @@
     missing_image           no image, or the image file does not exist
     image_outside_folder    an image path resolving outside the data folder (``..``, symlinks)
     corrupt_image           bytes or file that Pillow cannot decode
+    unconvertible_image     an image with no faithful RGB form (NaN pixels, a mode Pillow cannot convert)
     empty_question          empty question
     empty_answer            empty answer / chosen / rejected
     chosen_equals_rejected  a preference pair whose two answers are the same
@@ -13,7 +14,9 @@
                             truncating could cut the image tokens or the answer away)
     malformed_row           a row the loader could not read (see loaders.py)
 
-Non-RGB images are converted and counted (``converted_to_rgb``), not skipped.
+Non-RGB images are converted faithfully (``images.to_rgb``: 16-bit rescaled, alpha laid on white) and
+counted (``converted_to_rgb``), not skipped; images over 40 megapixels are listed (``large_images``) for
+one warning line.
 """
 
 from __future__ import annotations
@@ -26,34 +29,37 @@ from pathlib import Path
 from typing import Any, Literal
 
 from alignment.data.catalog import DEFAULT_INSTRUCTION
-from alignment.data.errors import DataValidationError, row_error
-from alignment.data.images import ImageProblem, images_of, open_image, to_rgb, with_images
+from alignment.data.errors import SKIP_HINT, DataValidationError, row_error, where
+from alignment.data.images import ImageProblem, images_of, is_large, open_image, to_rgb, with_images
 from alignment.data.prompts import prompt_format, seed_000_format
 
 Policy = Literal["error", "skip"]
 POLICIES = ("error", "skip")
 
 _FIXES = {
-    "empty_question": "Fill in the question or remove the row (or validate with policy='skip')",
-    "empty_answer": "Fill in the answer or remove the row (or validate with policy='skip')",
+    "empty_question": f"Fill in the question or remove the row ({SKIP_HINT})",
+    "empty_answer": f"Fill in the answer or remove the row ({SKIP_HINT})",
     "chosen_equals_rejected": "A preference pair needs two different answers; fix or remove the row",
-    "too_long": "Raise max_length, shorten the text, or validate with policy='skip'; rows are never truncated",
+    "too_long": f"Raise data.max_length, shorten the text, {SKIP_HINT}; rows are never truncated",
 }
 
 
 @dataclass
 class ValidationReport:
-    """What validation saw: rows in, rows kept, skips per reason, images converted to RGB."""
+    """What validation saw: rows in, rows kept, skips per reason, images converted to RGB, and the
+    images over 40 megapixels (``{name: (width, height)}``)."""
 
     total: int = 0
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     converted_to_rgb: int = 0
+    large_images: dict = field(default_factory=dict)
 
     def merge(self, other: ValidationReport) -> ValidationReport:
         """The sum of two reports (e.g. train and eval)."""
         return ValidationReport(self.total + other.total, self.kept + other.kept,
-                                self.skipped + other.skipped, self.converted_to_rgb + other.converted_to_rgb)
+                                self.skipped + other.skipped, self.converted_to_rgb + other.converted_to_rgb,
+                                {**self.large_images, **other.large_images})
 
     def summary(self) -> str:
         """One line, e.g. ``kept 98/100; skipped: missing_image=2; converted to RGB: 1``."""
@@ -135,6 +141,30 @@ def _length_problem(example: dict[str, Any], tokenizer: Any, max_length: int | N
             f"(sample {example.get('id')!r})", _FIXES["too_long"])
 
 
+def _field(example: dict[str, Any], name: str) -> str:
+    """The row's field an example's ``name`` came from (``messages[1].content`` for a messages row's
+    answer), else ``name``. A pair built from a QA row has its chosen answer from the row's answer."""
+    fields = example.get("fields") or {}
+    if name == "chosen" and "chosen" not in fields:
+        name = "answer" if "answer" in fields else name
+    return fields.get(name, name)
+
+
+def _image_field(example: dict[str, Any], k: int) -> str:
+    """The row's field of the example's image ``k`` (``images[1]``), else ``image`` / ``images``."""
+    fields = (example.get("fields") or {}).get("images") or []
+    return fields[k] if k < len(fields) else ("images" if "images" in example else "image")
+
+
+def _image_name(raw: Any, example: dict[str, Any], index: int) -> str:
+    """How a warning names an image: its path, else the row that holds it."""
+    if isinstance(raw, dict) and raw.get("path"):
+        raw = raw["path"]
+    if isinstance(raw, str | os.PathLike):
+        return os.fspath(raw)
+    return f"of {where(example.get('source', '<examples>'), example.get('row', index), example.get('line'))}"
+
+
 def validate_examples(
     examples: list[dict[str, Any]],
     *,
@@ -173,13 +203,16 @@ def validate_examples(
             key = raw if isinstance(raw, str | os.PathLike) else id(raw)  # rows of one cover share it
             if key not in decoded:
                 try:
-                    decoded[key] = to_rgb(open_image(raw, base))
+                    opened = open_image(raw, base)
+                    if is_large(opened):
+                        report.large_images[_image_name(raw, example, index)] = opened.size
+                    decoded[key] = to_rgb(opened)
                 except ImageProblem as problem:
                     decoded[key] = problem
             images.append(decoded[key])
-        bad = next((image for image in images if isinstance(image, ImageProblem)), None)
+        bad = next((k for k, image in enumerate(images) if isinstance(image, ImageProblem)), None)
         if bad is not None:
-            problem = (bad.reason, "images" if "images" in example else "image", bad.problem, bad.fix)
+            problem = (images[bad].reason, _image_field(example, bad), images[bad].problem, images[bad].fix)
         else:
             problem = _text_problem(example) or _length_problem(
                 example, tokenizer, max_length, image_seq_length, instruction, fmt)
@@ -189,7 +222,8 @@ def validate_examples(
             kept.append(with_images(example, rgb))
         elif policy == "error":
             reason, name, what, fix = problem
-            raise row_error(example.get("source", "<examples>"), example.get("row", index), name, what, fix)
+            raise row_error(example.get("source", "<examples>"), example.get("row", index), _field(example, name),
+                            what, fix, example.get("line"))
         else:
             report.skipped[problem[0]] += 1
     report.kept += len(kept)

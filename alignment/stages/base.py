@@ -182,9 +182,10 @@ class Stage:
                     self.policy.save_adapter(self.adapter_name, self.dir)
             self.ctx.accelerator.wait_for_everyone()
             self.policy.eval()
-            with torch.no_grad():
-                metrics = self.evaluate()
-                test = self.evaluate_on(self.test_examples) if self.test_examples else None
+            measured = getattr(self.config, "eval_examples", 1) > 0  # eval_examples: 0 measures nothing
+            with torch.no_grad():  # no held-out examples: no metrics (absent, never 0.0)
+                metrics = self.evaluate() if self.eval_examples and measured else None
+                test = self.evaluate_on(self.test_examples) if self.test_examples and measured else None
         for model in self.trained_models():  # full fine-tuning: the next stage starts from these weights
             if _full_sets(model) is not None:
                 _full_sets(model).drop_start()
@@ -194,7 +195,9 @@ class Stage:
         last = self.history[-1] if self.history else {}
         train.update({k: v for k, v in last.items() if k not in ("step", "loss", "skipped")})
         entry = {"name": self.config.name, "type": self.type, "steps": steps,
-                 "seconds": round(time.time() - start, 1), "train": train, "eval": metrics}
+                 "seconds": round(time.time() - start, 1), "train": train}
+        if metrics is not None:
+            entry["eval"] = metrics
         if test is not None:
             entry["test"] = test
         entry["distributed"] = {**distributed_facts(self.ctx.accelerator), "per_rank": held}
