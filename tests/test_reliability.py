@@ -229,6 +229,11 @@ def test_catalogue_no_val_examples(tmp_path, capsys):
     assert "eval" not in stage and "test" not in stage and stage["steps"] == 2
     card = (tmp_path / "out" / "README.md").read_text()
     assert "No val examples, so no val metrics" in card and "| metric | val | test |" not in card
+    from alignment.cli import main
+
+    assert main(["eval", str(tmp_path / "out" / "sft")]) == 2  # `vlm-align eval` says so too, never 0.0
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the weight-loading bar
+    assert err.startswith("error: ") and "has no val examples" in err, err
 
 
 def test_catalogue_image_over_40_megapixels(tmp_path, capsys, monkeypatch):

@@ -38,6 +38,9 @@ def eval_setup(recipe, index: int, split: str, limit: int | None):
     else:
         train, evaluation, report = build_data(recipe, config, policy.processor)
         examples = train + evaluation if split == "all" else evaluation
+        if not examples:
+            raise ConfigError(f"data source {recipe.data.source} has no val examples; tag rows `split: val` or raise "
+                              "data.eval_fraction, or use --split all / --split test")
     config.eval_examples = limit if limit is not None else (len(examples) if split == "all" else config.eval_examples)
     out = Path(recipe.output_dir)
     instruction = instruction_of(recipe)
