@@ -9,7 +9,8 @@ synchronisation, clipping and the update go through a `StepEngine` (`engine.py`)
 or a DeepSpeed ZeRO engine, as the accelerate launch config says.
 
 The stage's `optimizer:` picks the update (`alignment/optimizers.py`): AdamW; LOMO, which updates
-each parameter in backward (with clipping, in a second pass that measured the norm first); or MeZO,
+each parameter in backward once the step's gradient is known finite (with clipping, in a second pass
+that measured the norm first; without, in a second backward of the last micro-batch's graph); or MeZO,
 which needs no backward at all: `_zeroth_order_step` evaluates the step's loss twice under no_grad
 through the same `train_step`. LOMO and MeZO run in one process without DeepSpeed.
 """
@@ -118,18 +119,20 @@ class Stage:
         that gradient checkpointing recomputes each role's layers with that role's adapter active."""
         raise NotImplementedError
 
-    def backward(self, loss_sum: torch.Tensor | dict[str, torch.Tensor], count) -> torch.Tensor:
+    def backward(self, loss_sum: torch.Tensor | dict[str, torch.Tensor], count,
+                 retain_graph: bool = False) -> torch.Tensor:
         """Backpropagate `train_step`'s loss divided by `count` (what the step averages over, all
-        processes): one backward per role, each inside `backward_context(role)`. Returns the summed
-        loss (detached, float32, on the CPU)."""
+        processes): one backward per role, each inside `backward_context(role)`; `retain_graph` keeps
+        the graph for another backward (LOMO's check, then update). Returns the summed loss (detached,
+        float32, on the CPU)."""
         parts = loss_sum if isinstance(loss_sum, dict) else {"": loss_sum}
         total = torch.zeros(())
         for role, part in parts.items():
             with self.backward_context(role):
                 if self.engine is not None:
-                    self.engine.backward(part / count)
+                    self.engine.backward(part / count, retain_graph=retain_graph)
                 else:
-                    (part / count).backward()
+                    (part / count).backward(retain_graph=retain_graph)
             total += part.detach().float().cpu()
         return total
 
@@ -316,7 +319,7 @@ class Stage:
             with optimizer.measuring():
                 loss_total, sums = self._forward_backward(batches, total)
             grad_norm = optimizer.take_grad_norm()
-        else:  # (LOMO without clipping updates the parameters in here)
+        else:  # (LOMO without clipping checks the step's gradient, then updates the parameters, in here)
             loss_total, sums = self._forward_backward(batches, total)
             grad_norm = engine.grad_norm_and_clip()  # None under DeepSpeed: it clips inside its step
         loss = (_all_sum(loss_total, ctx) / total.clamp(min=1)).item()
@@ -334,17 +337,28 @@ class Stage:
 
     def _forward_backward(self, batches: list, total: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Forward and backward of one step's micro-batches, each loss divided by the step's `total`
-        count; returns the summed loss (CPU) and the metrics averaged over micro-batches. Under LOMO's
-        in-backward update a non-finite loss is not backpropagated (an update cannot be undone): the
-        summed loss is then NaN."""
+        count; returns the summed loss (CPU) and the metrics averaged over micro-batches.
+
+        Under LOMO's in-backward update (an update cannot be undone) a non-finite loss is not
+        backpropagated (the summed loss is then NaN), and where the gradient is not yet known finite
+        (no clipping pass measured it) the last micro-batch's backward runs first under
+        `LOMO.checking()`, on a retained graph: if any gradient of the step is not finite, nothing is
+        updated and the loop, reading LOMO's non-finite norm, skips the step."""
         loss_total, sums, engine = torch.zeros(()), {}, self.engine
         fused = isinstance(engine.optimizer, LOMO) and engine.optimizer.mode == "update"
+        check_first = fused and engine.optimizer.check_finite
         for index, batch in enumerate(batches):
-            with engine.micro_batch(last=index == len(batches) - 1):
+            last = index == len(batches) - 1
+            with engine.micro_batch(last=last):
                 with self.ctx.accelerator.autocast():
                     loss_sum, metrics = engine.forward(self.train_step, batch)
                 if fused and not all(torch.isfinite(part).all() for part in _parts(loss_sum)):
                     return torch.tensor(float("nan")), sums
+                if check_first and last:
+                    with engine.optimizer.checking():
+                        checked_loss = self.backward(loss_sum, total.clamp(min=1), retain_graph=True)
+                    if not engine.optimizer.checked_finite:
+                        return loss_total + checked_loss, sums
                 loss_total += self.backward(loss_sum, total.clamp(min=1))
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value / len(batches)
