@@ -297,7 +297,17 @@ def run_recipe(recipe: RecipeConfig, dry_run: bool = False, accelerator=None) ->
     """Run every stage in order (each starting from the previous stage's adapter); returns the report.
 
     A run (not a dry run) holds `<output_dir>/run.lock` for its life (`alignment.runlock`): a second
-    run into the folder of a live one stops with one error line on every rank."""
+    run into the folder of a live one stops with one error line on every rank. Ctrl-C or SIGTERM
+    stops it with exit code 130 / 143 and one line saying how to continue (`stages/interrupt.py`;
+    inside a training loop, after a checkpoint of the step under way)."""
+    from alignment.stages.interrupt import interruptible
+
+    world_size, main = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0
+    with interruptible(recipe.output_dir, world_size, announce=main, dry_run=dry_run):
+        return _run_locked(recipe, dry_run, accelerator)
+
+
+def _run_locked(recipe: RecipeConfig, dry_run: bool, accelerator) -> dict:
     from contextlib import ExitStack
 
     from alignment.runlock import RunLockError, run_lock

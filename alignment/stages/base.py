@@ -4,7 +4,8 @@ A stage says how to set up its adapters, collate a micro-batch, count what its l
 compute one micro-batch's summed loss (`train_step`) and evaluate. The loop here does the rest:
 gradient accumulation with losses averaged by count over all micro-batches and processes (exact
 under accumulation and across ranks), the learning-rate schedule, gradient clipping, a non-finite
-guard, a progress bar, TensorBoard scalars, atomic checkpoints and resume. Backward, gradient
+guard, a progress bar, TensorBoard scalars, atomic checkpoints and resume, and a clean stop on Ctrl-C
+or SIGTERM (`interrupt.py`: the step under way, its checkpoint, exit 130 / 143). Backward, gradient
 synchronisation, clipping and the update go through a `StepEngine` (`engine.py`): one process, DDP,
 or a DeepSpeed ZeRO engine, as the accelerate launch config says.
 
@@ -22,7 +23,7 @@ import math
 import os
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,14 @@ from alignment.config import ConfigError, StageConfig
 from alignment.optimizers import LOMO, MeZO, build_optimizer, set_torch_rng_state, step_seed, torch_rng_state
 from alignment.stages import checkpoint as ckpt
 from alignment.stages.engine import StepEngine, distributed_facts, engine_kind, zero3_gathered
+from alignment.stages.interrupt import (
+    EXIT_CODES,
+    Interrupted,
+    StopRequest,
+    handling,
+    interrupted_line,
+    resume_command,
+)
 from alignment.stages.schedule import lr_at
 from alignment.stages.stream import ExampleStream
 
@@ -43,10 +52,6 @@ REFERENCE_STAGES = ("dpo", "ppo", "grpo")
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
-
-
-class Interrupted(SystemExit):
-    """SIGTERM arrived; a complete checkpoint was written first."""
 
 
 @dataclass
@@ -96,7 +101,7 @@ class Stage:
         self.dir = ctx.output_dir / config.name
         self.history: list[dict] = []
         self.nonfinite_steps = 0
-        self._sigterm = False
+        self._stop = StopRequest(f"[{config.name}] ")  # SIGINT / SIGTERM in the loop: stop after this step
         self.engine: StepEngine | None = None  # set by `train`: DDP / DeepSpeed / one process
 
     # ---- hooks -----------------------------------------------------------------
@@ -254,7 +259,8 @@ class Stage:
         folder = self._resume_models(stream) if ctx.resume else None  # before an engine partitions them
         bf16 = getattr(ctx.accelerator, "mixed_precision", "no") == "bf16"
         optimizer = self._optimizer(params)
-        writer = bar = previous_handler = None
+        writer = bar = None
+        signals = ExitStack()
         try:
             self.engine = StepEngine(ctx.accelerator, self.trained_models(), params, optimizer,
                                      cfg.batch_size, cfg.max_grad_norm, bf16)
@@ -264,7 +270,7 @@ class Stage:
             self.before_training()
             writer = _writer(ctx.output_dir / "runs" / cfg.name, ctx.report_to, ctx.recipe_name) if ctx.is_main else None
             bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.name, disable=not ctx.is_main, dynamic_ncols=True)
-            previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+            signals.enter_context(handling(self._stop))  # Ctrl-C / SIGTERM: stop after the step under way
             for model in self.trained_models():
                 model.train()
             while step < cfg.max_steps:
@@ -281,13 +287,14 @@ class Stage:
                     for key, value in record.items():
                         writer.add_scalar(f"{cfg.name}/{key}", value, step)
                     writer.flush()
-                stop = _all_sum(torch.tensor(float(self._sigterm)), ctx).item() > 0  # every rank stops together
+                stop = self._stop_signal()  # every rank stops together
                 if step % cfg.save_every == 0 or step == cfg.max_steps or stop:
                     self._save(step, optimizer, stream)
                 if stop:
-                    tqdm.write(f"[{cfg.name}] SIGTERM: checkpoint of step {step} saved in {self.dir / 'checkpoints'}; "
-                               "run again with resume=true to continue")
-                    raise Interrupted(143)
+                    if ctx.is_main:
+                        command = resume_command(ctx.output_dir, ctx.world_size)
+                        tqdm.write(f"[{cfg.name}] " + interrupted_line(stop, step, self.dir / "checkpoints", command))
+                    raise Interrupted(EXIT_CODES[stop])
         finally:
             if isinstance(optimizer, LOMO):
                 optimizer.close()  # the parameters outlive the stage: they must stop updating in backward
@@ -295,9 +302,16 @@ class Stage:
                 bar.close()
             if writer is not None:
                 writer.close()
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
+            signals.close()
         return step
+
+    def _stop_signal(self) -> int:
+        """The stop signal any rank received in this stage's loop (0: none). SIGINT wins over SIGTERM
+        (a launcher relays a Ctrl-C to its workers as SIGTERM)."""
+        seen = self._stop.signum
+        flags = torch.tensor([float(seen == signal.SIGINT), float(seen == signal.SIGTERM)])
+        interrupt, terminate = _all_sum(flags, self.ctx).tolist()
+        return int(signal.SIGINT) if interrupt else int(signal.SIGTERM) if terminate else 0
 
     def _optimizer_step(self, optimizer, params, stream: ExampleStream, step: int) -> dict:
         cfg, ctx = self.config, self.ctx
@@ -478,8 +492,10 @@ class Stage:
             tqdm.write(f"[{self.config.name}] resumed from {folder} at step {step}")
         return step
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self._sigterm = True
+    @property
+    def _on_sigterm(self) -> StopRequest:
+        """The loop's SIGINT / SIGTERM handler (installed while the loop runs)."""
+        return self._stop
 
 
 @contextmanager
@@ -537,12 +553,6 @@ def config_fingerprint(config: StageConfig) -> dict:
     if config.optimizer == "adamw":
         skip.add("optimizer")
     return {k: v for k, v in asdict(config).items() if k not in skip}
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 class _Writers:
