@@ -401,10 +401,13 @@ def _run_recipe(recipe: RecipeConfig, dry_run: bool, accelerator) -> dict:
                        "world_size": accelerator.num_processes, "data": dataclasses.asdict(recipe.data)}
         if stage_config.name in done and (stage_dir / "adapter_model.safetensors").exists():
             last = ckpt.latest_checkpoint(stage_dir / "checkpoints")
+            longer = {}
             if last is not None:  # finished with other settings: refuse rather than build on it
-                ckpt.check_fingerprint(last, ckpt.read_state(last)["fingerprint"], fingerprint)
-            previous_adapter = stage_dir  # finished before the resume: its adapter feeds the next stage
-            continue
+                longer = ckpt.check_fingerprint(last, ckpt.read_state(last)["fingerprint"], fingerprint)
+            if not longer:
+                previous_adapter = stage_dir  # finished before the resume: its adapter feeds the next stage
+                continue
+            _check_extension_is_last(recipe, stage_config, longer, out, done)  # else: it trains on, resumed
         train, evaluation, _ = datasets[stage_config.name]
         ctx = RunContext(
             accelerator=accelerator, output_dir=out, seed=recipe.seed, resume=recipe.resume,
@@ -424,6 +427,19 @@ def _run_recipe(recipe: RecipeConfig, dry_run: bool, accelerator) -> dict:
             _write_json_atomic(report_path, report)
             _write_artifacts(out, recipe, report)
     return report
+
+
+def _check_extension_is_last(recipe: RecipeConfig, stage: StageConfig, longer: dict, out: Path, done: dict) -> None:
+    """A finished stage may be extended (`ckpt.EXTENDABLE`) only while no later stage has started:
+    a later stage's adapter, checkpoints or reference were built on this stage's shorter run."""
+    index = recipe.stages.index(stage)
+    started = [s.name for s in recipe.stages[index + 1 :]
+               if s.name in done or any((out / s.name / "checkpoints").glob("step-*"))]
+    if started:
+        key, (old, new) = next(iter(longer.items()))
+        raise ConfigError(f"stages.{index}.{key}: {old} -> {new} would extend stage {stage.name!r}, but stage "
+                          f"{started[0]!r} was already trained on its {old}-step result; extend only the last "
+                          "started stage, or choose a new output_dir")
 
 
 def _check_writable(out: Path) -> None:

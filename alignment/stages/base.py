@@ -473,7 +473,9 @@ class Stage:
                 tqdm.write(f"[{self.config.name}] resume=true but no complete checkpoint in {root}; starting at step 0")
             return None
         state = ckpt.read_state(folder)
-        ckpt.check_fingerprint(folder, state["fingerprint"], self.ctx.fingerprint)
+        longer = ckpt.check_fingerprint(folder, state["fingerprint"], self.ctx.fingerprint)
+        if longer and self.ctx.is_main:  # a larger max_steps: train on from the checkpoint
+            tqdm.write(ckpt.extension_notice(self.config.name, longer, state["step"]))
         stream.load_state_dict(state["stream"])
         for model, name in self._trained_adapters():
             model.load_adapter(name, folder / "adapters" / name)
