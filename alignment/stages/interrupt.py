@@ -116,8 +116,9 @@ def _outside_line(output_dir: Path, world_size: int, dry_run: bool) -> str:
 
 def _notice(line: str) -> None:
     """Write `line` to stderr from a signal handler: straight to the file descriptor, since the handler
-    may run while the main thread is inside a write to `sys.stderr` (a nested write would fail)."""
+    may run while the main thread is inside a write to `sys.stderr` (a nested write would fail). On a
+    terminal it starts on a new line, below the progress bar."""
     try:
-        os.write(2, (line + "\n").encode())
+        os.write(2, (("\n" if os.isatty(2) else "") + line + "\n").encode())
     except OSError:
         pass
