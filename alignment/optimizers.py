@@ -24,6 +24,14 @@ min(1, max_norm / (||g_all|| + 1e-6)) of LOMO's two-pass clipping: a first backw
 ||g_all|| (each gradient freed as measured), a second, with the same randomness, updates
 (`Stage._optimizer_step` runs the passes; the cost is one more forward and backward a step).
 
+An update made in backward cannot be undone, so without clipping the step's last backward runs twice
+on one graph (`retain_graph=True`): first under `checking()`, which measures every parameter's whole
+gradient for the step (what earlier micro-batches accumulated plus this backward's part) and keeps
+none of it, then, only if every gradient is finite, in update mode. A finite loss with a non-finite
+gradient thus changes no parameter, and the step is skipped whole (one more backward a step, no more
+forwards; the graph's activations live until the second backward ends, as long as they did before
+the first one began).
+
 MeZO (Malladi et al. 2023, "Fine-Tuning Language Models with Just Forward Passes"): per step, a
 seed s; z ~ N(0, I) [every trained parameter's shape] is drawn from s whenever needed, never stored:
 
@@ -54,11 +62,15 @@ class LOMO(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0):
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
-        self.mode = "update"  # update | accumulate (gradients kept in p.grad) | measure (norm only, freed)
+        # update | accumulate (gradients kept in p.grad) | measure (norm only, freed) | check (`checking`)
+        self.mode = "update"
         self.scale = 1.0  # multiplies every update (LOMO's clipping factor)
         self.check_finite = True  # skip (and count) a parameter whose gradient is not finite
         self.skipped = 0  # parameters not updated since the last `take_grad_norm` (non-finite gradient)
         self._grad_sq = torch.zeros((), dtype=torch.float64)  # sum of squared gradient entries
+        self.checked_finite = True  # whether the last `checking()` found every gradient finite
+        self._held: dict[torch.Tensor, torch.Tensor] = {}  # under `checking()`: gradients set aside
+        self._checked: set[torch.Tensor] = set()  # under `checking()`: parameters measured
         self._group = {}
         self._handles = []
         for index, group in enumerate(self.param_groups):
@@ -71,6 +83,10 @@ class LOMO(torch.optim.Optimizer):
         if self.mode == "accumulate":
             return
         grad = param.grad
+        if self.mode == "check":  # the step's whole gradient: set-aside accumulation + this backward's part
+            held = self._held.get(param)
+            grad = grad if held is None else held + grad
+            self._checked.add(param)
         square = torch.linalg.vector_norm(grad, dtype=torch.float32).double() ** 2
         self._grad_sq = self._grad_sq.to(square.device) + square
         if self.mode == "update":
@@ -101,6 +117,39 @@ class LOMO(torch.optim.Optimizer):
         update)."""
         self._grad_sq = torch.zeros((), dtype=torch.float64)
         return self._mode("measure")
+
+    @contextmanager
+    def checking(self):
+        """Inside: backward measures each parameter's whole gradient for the step (what earlier
+        micro-batches accumulated in p.grad, set aside on entry, plus this backward's part) and frees
+        this backward's part: nothing is updated and, on exit, p.grad holds exactly what it held on
+        entry. Run the step's last backward inside with `retain_graph=True`, then again outside to
+        update. On exit `checked_finite` says whether every gradient was finite; a finite measurement
+        is then dropped (the update backward measures the same gradient again), a non-finite one is
+        kept for `take_grad_norm`, which the loop reads to skip the step. Parameters that only the
+        earlier micro-batches reached count too (as `flush` would apply them). A parameter reached by
+        several backward calls inside (PPO's roles) is measured per call: finiteness stays exact."""
+        self._grad_sq = torch.zeros((), dtype=torch.float64)
+        self._held, self._checked = {}, set()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._held[param], param.grad = param.grad, None
+        try:
+            with self._mode("check"):
+                yield self
+            with torch.no_grad():
+                for param, grad in self._held.items():
+                    if param not in self._checked:
+                        square = torch.linalg.vector_norm(grad, dtype=torch.float32).double() ** 2
+                        self._grad_sq = self._grad_sq.to(square.device) + square
+            self.checked_finite = bool(torch.isfinite(self._grad_sq))
+            if self.checked_finite:
+                self._grad_sq = torch.zeros((), dtype=torch.float64)
+        finally:
+            for param, grad in self._held.items():
+                param.grad = grad
+            self._held, self._checked = {}, set()
 
     def updating(self, scale: float = 1.0, check_finite: bool = True):
         """Inside: backward updates each parameter with `scale` x its gradient (the default mode)."""

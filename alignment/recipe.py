@@ -333,7 +333,17 @@ def run_recipe(recipe: RecipeConfig, dry_run: bool = False, accelerator=None) ->
     """Run every stage in order (each starting from the previous stage's adapter); returns the report.
 
     A run (not a dry run) holds `<output_dir>/run.lock` for its life (`alignment.runlock`): a second
-    run into the folder of a live one stops with one error line on every rank."""
+    run into the folder of a live one stops with one error line on every rank. Ctrl-C or SIGTERM
+    stops it with exit code 130 / 143 and one line saying how to continue (`stages/interrupt.py`;
+    inside a training loop, after a checkpoint of the step under way)."""
+    from alignment.stages.interrupt import interruptible
+
+    world_size, main = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0
+    with interruptible(recipe.output_dir, world_size, announce=main, dry_run=dry_run):
+        return _run_locked(recipe, dry_run, accelerator)
+
+
+def _run_locked(recipe: RecipeConfig, dry_run: bool, accelerator) -> dict:
     from contextlib import ExitStack
 
     from alignment.runlock import RunLockError, run_lock
@@ -428,10 +438,13 @@ def _run_recipe(recipe: RecipeConfig, dry_run: bool, accelerator) -> dict:
                        "world_size": accelerator.num_processes, "data": dataclasses.asdict(recipe.data)}
         if stage_config.name in done and (stage_dir / "adapter_model.safetensors").exists():
             last = ckpt.latest_checkpoint(stage_dir / "checkpoints")
+            longer = {}
             if last is not None:  # finished with other settings: refuse rather than build on it
-                ckpt.check_fingerprint(last, ckpt.read_state(last)["fingerprint"], fingerprint)
-            previous_adapter = stage_dir  # finished before the resume: its adapter feeds the next stage
-            continue
+                longer = ckpt.check_fingerprint(last, ckpt.read_state(last)["fingerprint"], fingerprint)
+            if not longer:
+                previous_adapter = stage_dir  # finished before the resume: its adapter feeds the next stage
+                continue
+            _check_extension_is_last(recipe, stage_config, longer, out, done)  # else: it trains on, resumed
         train, evaluation, _ = datasets[stage_config.name]
         ctx = RunContext(
             accelerator=accelerator, output_dir=out, seed=recipe.seed, resume=recipe.resume,
@@ -451,6 +464,19 @@ def _run_recipe(recipe: RecipeConfig, dry_run: bool, accelerator) -> dict:
             _write_json_atomic(report_path, report)
             _write_artifacts(out, recipe, report)
     return report
+
+
+def _check_extension_is_last(recipe: RecipeConfig, stage: StageConfig, longer: dict, out: Path, done: dict) -> None:
+    """A finished stage may be extended (`ckpt.EXTENDABLE`) only while no later stage has started:
+    a later stage's adapter, checkpoints or reference were built on this stage's shorter run."""
+    index = recipe.stages.index(stage)
+    started = [s.name for s in recipe.stages[index + 1 :]
+               if s.name in done or any((out / s.name / "checkpoints").glob("step-*"))]
+    if started:
+        key, (old, new) = next(iter(longer.items()))
+        raise ConfigError(f"stages.{index}.{key}: {old} -> {new} would extend stage {stage.name!r}, but stage "
+                          f"{started[0]!r} was already trained on its {old}-step result; extend only the last "
+                          "started stage, or choose a new output_dir")
 
 
 def _check_writable(out: Path) -> None:

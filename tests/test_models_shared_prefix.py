@@ -79,11 +79,60 @@ def test_same_logprobs_scores_and_gradients_as_two_rows(pairs, name, attention):
         assert (shared[4][key] - grad).abs().max() <= 1e-4 * grad.abs().max() + 1e-7, key
 
 
+def _row_alone(batch: dict, row: int) -> dict:
+    """Row `row` of a preference batch as a batch of its own: its tokens up to its length (no padding),
+    its token-aligned tensors (Mllama's cross-attention mask) likewise, and its pair's image alone
+    (tensors with one entry per image, `[N, ...]`, N = the pairs' images, fewer than the 2P rows)."""
+    rows, columns = batch["input_ids"].shape
+    length, image = int(batch["attention_mask"][row].sum()), int(batch["image_index"][row])
+    alone = {}
+    for key, value in batch.items():
+        if not torch.is_tensor(value) or key == "image_index":
+            continue
+        if value.shape[0] == rows:
+            value = value[row : row + 1]
+            alone[key] = value[:, :length] if value.dim() > 1 and value.shape[1] == columns else value
+        else:
+            alone[key] = value[image : image + 1]
+    alone["image_index"] = torch.zeros(1, dtype=torch.long)
+    return alone
+
+
+def _completion_logprobs_by_hand(policy, batch: dict, row: int) -> torch.Tensor:
+    """`[C]`: log p(token t+1 | tokens <= t) of row `row`'s C labelled tokens, from `policy.forward` on
+    that row alone: log_softmax over the full logits (float32), gathered at the labels."""
+    alone = _row_alone(batch, row)
+    logits = policy.forward(alone).logits[0, :-1].float()
+    targets = alone["labels"][0, 1:]
+    counted = targets != -100
+    return torch.log_softmax(logits[counted], dim=-1).gather(-1, targets[counted, None]).squeeze(-1)
+
+
+def _assert_two_row_fallback(policy, batch: dict) -> None:
+    """`pair_logprobs` ran the pairs as two rows (the model saw 2P rows, not P packed ones) and gave each
+    row's completion log-probs (per token and summed) as that row alone does, computed by hand."""
+    seen = []
+    hook = policy.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(int(kwargs["input_ids"].shape[0])), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            tokens, seq, mask = policy.pair_logprobs(batch)
+    finally:
+        hook.remove()
+    rows = batch["input_ids"].shape[0]
+    assert seen == [rows] == [2 * batch["num_pairs"]]
+    for row in range(rows):
+        with torch.no_grad():
+            expected = _completion_logprobs_by_hand(policy, batch, row)
+        assert expected.numel() > 0 and int(mask[row].sum()) == expected.numel()
+        torch.testing.assert_close(tokens[row][mask[row].bool()], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(seq[row], expected.sum(), atol=1e-5, rtol=1e-5)
+
+
 def test_a_family_that_cannot_share_runs_two_rows(pairs):
     policy = _policy("tiny-idefics3")
     assert not policy.shares_prefix()
-    batch = collate_preference(pairs, policy.processor)
-    torch.testing.assert_close(policy.pair_logprobs(batch)[1], policy.completion_logprobs(batch)[1])
+    _assert_two_row_fallback(policy, collate_preference(pairs, policy.processor))
 
 
 def test_prompt_tuning_runs_pairs_as_two_rows(pairs):
@@ -91,5 +140,4 @@ def test_prompt_tuning_runs_pairs_as_two_rows(pairs):
     policy = MultimodalPolicy.from_pretrained("tiny-mllama")
     policy.add_adapter("policy", LoraSpec(method="prompt_tuning"))
     assert not policy.shares_prefix()
-    batch = collate_preference(pairs, policy.processor)
-    torch.testing.assert_close(policy.pair_logprobs(batch)[1], policy.completion_logprobs(batch)[1])
+    _assert_two_row_fallback(policy, collate_preference(pairs, policy.processor))

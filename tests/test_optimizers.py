@@ -14,7 +14,7 @@ from alignment.optimizers import LOMO, MeZO, build_optimizer, step_seed
 from alignment.policy import LoraSpec, MultimodalPolicy
 from alignment.stages.base import Stage, config_fingerprint
 from tests._policy import make_batch
-from tests._toy_stage import ToyAccelerator, toy_stage
+from tests._toy_stage import ToyAccelerator, ToyPolicy, toy_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
@@ -225,6 +225,87 @@ def test_a_non_finite_loss_updates_nothing(tmp_path, optimizer, max_grad_norm):
     assert stage.history[0].get("skipped") == 1 and stage.nonfinite_steps == 1
     torch.testing.assert_close(stage.policy.w.detach(), torch.zeros(4))
     assert stage.policy.w.grad is None
+
+
+class _TwoParameterPolicy(ToyPolicy):
+    """The toy policy with a second trained 4-vector `v` (initialised to ones) beside `w`."""
+
+    def __init__(self):
+        super().__init__()
+        self.v = torch.nn.Parameter(torch.ones(4))
+
+    def trainable_parameters(self):
+        return [self.w, self.v]
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_lomo_without_clipping_skips_a_finite_loss_with_a_non_finite_gradient_whole(tmp_path, grad_accum):
+    """Loss sum |w - x|^2 + v.x (finite); a tensor hook makes w's gradient from the step's first
+    micro-batch +inf (under accumulation: a part the last backward's check must see). LOMO updates in
+    backward, so the step must be measured before any update: w and v stay as they were (v's gradient
+    is finite: the old single pass updated it and still logged the step skipped), the step is reported
+    skipped, no gradient is left; the next step updates both."""
+    policy = _TwoParameterPolicy()
+    stage = toy_stage(tmp_path, optimizer="lomo", max_grad_norm=None, max_steps=2, grad_accum=grad_accum, policy=policy)
+    toy_step = stage.train_step
+
+    def train_step(batch):
+        loss, metrics = toy_step(batch)
+        return loss + (policy.v * batch["x"]).sum(), metrics
+
+    stage.train_step = train_step
+    policy.w.register_hook(lambda grad: grad + float("inf") if stage.calls == 1 else grad)
+    real_step = Stage._optimizer_step
+    after_first = {}
+
+    def optimizer_step(self, optimizer, params, stream, step):
+        record = real_step(self, optimizer, params, stream, step)
+        if step == 0:
+            after_first.update(w=policy.w.detach().clone(), v=policy.v.detach().clone(),
+                               grads=[p.grad for p in params])
+        return record
+
+    stage._optimizer_step = optimizer_step.__get__(stage)
+    stage.train()
+    assert torch.equal(after_first["w"], torch.zeros(4)) and torch.equal(after_first["v"], torch.ones(4))
+    assert after_first["grads"] == [None, None]
+    assert stage.history[0].get("skipped") == 1 and "loss" not in stage.history[0]
+    assert "skipped" not in stage.history[1] and math.isfinite(stage.history[1]["grad_norm"])
+    assert not torch.equal(policy.w.detach(), torch.zeros(4)) and not torch.equal(policy.v.detach(), torch.ones(4))
+    assert torch.isfinite(policy.w).all() and policy.w.grad is None and policy.v.grad is None
+
+
+def test_lomo_checking_measures_the_whole_step_gradient_and_leaves_what_it_found():
+    """Micro-batch 1 accumulates [7, 7] into w's gradient (and 7 into b's); the last backward, run
+    under `checking()` on a retained graph, measures w's and b's whole gradient (14 each entry:
+    norm 14 sqrt 3) without updating and leaves p.grad as it was; the same graph's update backward
+    then applies the summed gradient: w = [1, 2] - 0.1 [14, 14] = [-0.4, 0.6]. A planted +inf part
+    makes `checked_finite` False and keeps the non-finite norm for `take_grad_norm`."""
+    layer, loss = _linear()
+    optimizer = LOMO(layer.parameters(), lr=0.1)
+    with optimizer.accumulating():
+        loss().backward()
+    last = loss()
+    with optimizer.checking():
+        last.backward(retain_graph=True)
+    torch.testing.assert_close(layer.weight, torch.tensor([[1.0, 2.0]]))
+    torch.testing.assert_close(layer.weight.grad, torch.tensor([[7.0, 7.0]]))
+    assert optimizer.checked_finite and optimizer.take_grad_norm() == 0.0  # dropped: the update measures again
+    last.backward()
+    torch.testing.assert_close(layer.weight, torch.tensor([[-0.4, 0.6]]))
+    assert optimizer.take_grad_norm() == pytest.approx(14 * math.sqrt(3))
+
+    with optimizer.accumulating():
+        loss().backward()
+    held = layer.weight.grad.clone()
+    handle = layer.bias.register_hook(lambda grad: grad + float("inf"))
+    with optimizer.checking():
+        loss().backward()
+    handle.remove()
+    assert not optimizer.checked_finite and math.isinf(optimizer.take_grad_norm())
+    torch.testing.assert_close(layer.weight, torch.tensor([[-0.4, 0.6]]))
+    assert torch.equal(layer.weight.grad, held) and layer.bias.grad is not None
+    optimizer.close()
 
 
 @pytest.mark.parametrize("optimizer", ["lomo", "mezo"])

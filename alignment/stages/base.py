@@ -4,12 +4,14 @@ A stage says how to set up its adapters, collate a micro-batch, count what its l
 compute one micro-batch's summed loss (`train_step`) and evaluate. The loop here does the rest:
 gradient accumulation with losses averaged by count over all micro-batches and processes (exact
 under accumulation and across ranks), the learning-rate schedule, gradient clipping, a non-finite
-guard, a progress bar, TensorBoard scalars, atomic checkpoints and resume. Backward, gradient
+guard, a progress bar, TensorBoard scalars, atomic checkpoints and resume, and a clean stop on Ctrl-C
+or SIGTERM (`interrupt.py`: the step under way, its checkpoint, exit 130 / 143). Backward, gradient
 synchronisation, clipping and the update go through a `StepEngine` (`engine.py`): one process, DDP,
 or a DeepSpeed ZeRO engine, as the accelerate launch config says.
 
 The stage's `optimizer:` picks the update (`alignment/optimizers.py`): AdamW; LOMO, which updates
-each parameter in backward (with clipping, in a second pass that measured the norm first); or MeZO,
+each parameter in backward once the step's gradient is known finite (with clipping, in a second pass
+that measured the norm first; without, in a second backward of the last micro-batch's graph); or MeZO,
 which needs no backward at all: `_zeroth_order_step` evaluates the step's loss twice under no_grad
 through the same `train_step`. LOMO and MeZO run in one process without DeepSpeed.
 """
@@ -21,7 +23,7 @@ import math
 import os
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,14 @@ from alignment.errors import ConfigError
 from alignment.optimizers import LOMO, MeZO, build_optimizer, set_torch_rng_state, step_seed, torch_rng_state
 from alignment.stages import checkpoint as ckpt
 from alignment.stages.engine import StepEngine, distributed_facts, engine_kind, zero3_gathered
+from alignment.stages.interrupt import (
+    EXIT_CODES,
+    Interrupted,
+    StopRequest,
+    handling,
+    interrupted_line,
+    resume_command,
+)
 from alignment.stages.schedule import lr_at
 from alignment.stages.stream import ExampleStream
 
@@ -43,10 +53,6 @@ REFERENCE_STAGES = ("dpo", "ppo", "grpo")
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
-
-
-class Interrupted(SystemExit):
-    """SIGTERM arrived; a complete checkpoint was written first."""
 
 
 @dataclass
@@ -96,7 +102,7 @@ class Stage:
         self.dir = ctx.output_dir / config.name
         self.history: list[dict] = []
         self.nonfinite_steps = 0
-        self._sigterm = False
+        self._stop = StopRequest(f"[{config.name}] ")  # SIGINT / SIGTERM in the loop: stop after this step
         self.engine: StepEngine | None = None  # set by `train`: DDP / DeepSpeed / one process
 
     # ---- hooks -----------------------------------------------------------------
@@ -119,18 +125,20 @@ class Stage:
         that gradient checkpointing recomputes each role's layers with that role's adapter active."""
         raise NotImplementedError
 
-    def backward(self, loss_sum: torch.Tensor | dict[str, torch.Tensor], count) -> torch.Tensor:
+    def backward(self, loss_sum: torch.Tensor | dict[str, torch.Tensor], count,
+                 retain_graph: bool = False) -> torch.Tensor:
         """Backpropagate `train_step`'s loss divided by `count` (what the step averages over, all
-        processes): one backward per role, each inside `backward_context(role)`. Returns the summed
-        loss (detached, float32, on the CPU)."""
+        processes): one backward per role, each inside `backward_context(role)`; `retain_graph` keeps
+        the graph for another backward (LOMO's check, then update). Returns the summed loss (detached,
+        float32, on the CPU)."""
         parts = loss_sum if isinstance(loss_sum, dict) else {"": loss_sum}
         total = torch.zeros(())
         for role, part in parts.items():
             with self.backward_context(role):
                 if self.engine is not None:
-                    self.engine.backward(part / count)
+                    self.engine.backward(part / count, retain_graph=retain_graph)
                 else:
-                    (part / count).backward()
+                    (part / count).backward(retain_graph=retain_graph)
             total += part.detach().float().cpu()
         return total
 
@@ -255,7 +263,8 @@ class Stage:
         folder = self._resume_models(stream) if ctx.resume else None  # before an engine partitions them
         bf16 = getattr(ctx.accelerator, "mixed_precision", "no") == "bf16"
         optimizer = self._optimizer(params)
-        writer = bar = previous_handler = None
+        writer = bar = None
+        signals = ExitStack()
         try:
             self.engine = StepEngine(ctx.accelerator, self.trained_models(), params, optimizer,
                                      cfg.batch_size, cfg.max_grad_norm, bf16)
@@ -265,7 +274,7 @@ class Stage:
             self.before_training()
             writer = _writer(ctx.output_dir / "runs" / cfg.name, ctx.report_to, ctx.recipe_name) if ctx.is_main else None
             bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.name, disable=not ctx.is_main, dynamic_ncols=True)
-            previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+            signals.enter_context(handling(self._stop))  # Ctrl-C / SIGTERM: stop after the step under way
             for model in self.trained_models():
                 model.train()
             while step < cfg.max_steps:
@@ -282,13 +291,14 @@ class Stage:
                     for key, value in record.items():
                         writer.add_scalar(f"{cfg.name}/{key}", value, step)
                     writer.flush()
-                stop = _all_sum(torch.tensor(float(self._sigterm)), ctx).item() > 0  # every rank stops together
+                stop = self._stop_signal()  # every rank stops together
                 if step % cfg.save_every == 0 or step == cfg.max_steps or stop:
                     self._save(step, optimizer, stream)
                 if stop:
-                    tqdm.write(f"[{cfg.name}] SIGTERM: checkpoint of step {step} saved in {self.dir / 'checkpoints'}; "
-                               "run again with resume=true to continue")
-                    raise Interrupted(143)
+                    if ctx.is_main:
+                        command = resume_command(ctx.output_dir, ctx.world_size)
+                        tqdm.write(f"[{cfg.name}] " + interrupted_line(stop, step, self.dir / "checkpoints", command))
+                    raise Interrupted(EXIT_CODES[stop])
         finally:
             if isinstance(optimizer, LOMO):
                 optimizer.close()  # the parameters outlive the stage: they must stop updating in backward
@@ -296,9 +306,16 @@ class Stage:
                 bar.close()
             if writer is not None:
                 writer.close()
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
+            signals.close()
         return step
+
+    def _stop_signal(self) -> int:
+        """The stop signal any rank received in this stage's loop (0: none). SIGINT wins over SIGTERM
+        (a launcher relays a Ctrl-C to its workers as SIGTERM)."""
+        seen = self._stop.signum
+        flags = torch.tensor([float(seen == signal.SIGINT), float(seen == signal.SIGTERM)])
+        interrupt, terminate = _all_sum(flags, self.ctx).tolist()
+        return int(signal.SIGINT) if interrupt else int(signal.SIGTERM) if terminate else 0
 
     def _optimizer_step(self, optimizer, params, stream: ExampleStream, step: int) -> dict:
         cfg, ctx = self.config, self.ctx
@@ -320,7 +337,7 @@ class Stage:
             with optimizer.measuring():
                 loss_total, sums = self._forward_backward(batches, total)
             grad_norm = optimizer.take_grad_norm()
-        else:  # (LOMO without clipping updates the parameters in here)
+        else:  # (LOMO without clipping checks the step's gradient, then updates the parameters, in here)
             loss_total, sums = self._forward_backward(batches, total)
             grad_norm = engine.grad_norm_and_clip()  # None under DeepSpeed: it clips inside its step
         loss = (_all_sum(loss_total, ctx) / total.clamp(min=1)).item()
@@ -338,17 +355,28 @@ class Stage:
 
     def _forward_backward(self, batches: list, total: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Forward and backward of one step's micro-batches, each loss divided by the step's `total`
-        count; returns the summed loss (CPU) and the metrics averaged over micro-batches. Under LOMO's
-        in-backward update a non-finite loss is not backpropagated (an update cannot be undone): the
-        summed loss is then NaN."""
+        count; returns the summed loss (CPU) and the metrics averaged over micro-batches.
+
+        Under LOMO's in-backward update (an update cannot be undone) a non-finite loss is not
+        backpropagated (the summed loss is then NaN), and where the gradient is not yet known finite
+        (no clipping pass measured it) the last micro-batch's backward runs first under
+        `LOMO.checking()`, on a retained graph: if any gradient of the step is not finite, nothing is
+        updated and the loop, reading LOMO's non-finite norm, skips the step."""
         loss_total, sums, engine = torch.zeros(()), {}, self.engine
         fused = isinstance(engine.optimizer, LOMO) and engine.optimizer.mode == "update"
+        check_first = fused and engine.optimizer.check_finite
         for index, batch in enumerate(batches):
-            with engine.micro_batch(last=index == len(batches) - 1):
+            last = index == len(batches) - 1
+            with engine.micro_batch(last=last):
                 with self.ctx.accelerator.autocast():
                     loss_sum, metrics = engine.forward(self.train_step, batch)
                 if fused and not all(torch.isfinite(part).all() for part in _parts(loss_sum)):
                     return torch.tensor(float("nan")), sums
+                if check_first and last:
+                    with engine.optimizer.checking():
+                        checked_loss = self.backward(loss_sum, total.clamp(min=1), retain_graph=True)
+                    if not engine.optimizer.checked_finite:
+                        return loss_total + checked_loss, sums
                 loss_total += self.backward(loss_sum, total.clamp(min=1))
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value / len(batches)
@@ -449,7 +477,9 @@ class Stage:
                 tqdm.write(f"[{self.config.name}] resume=true but no complete checkpoint in {root}; starting at step 0")
             return None
         state = ckpt.read_state(folder)
-        ckpt.check_fingerprint(folder, state["fingerprint"], self.ctx.fingerprint)
+        longer = ckpt.check_fingerprint(folder, state["fingerprint"], self.ctx.fingerprint)
+        if longer and self.ctx.is_main:  # a larger max_steps: train on from the checkpoint
+            tqdm.write(ckpt.extension_notice(self.config.name, longer, state["step"]))
         stream.load_state_dict(state["stream"])
         for model, name in self._trained_adapters():
             model.load_adapter(name, folder / "adapters" / name)
@@ -468,8 +498,10 @@ class Stage:
             tqdm.write(f"[{self.config.name}] resumed from {folder} at step {step}")
         return step
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self._sigterm = True
+    @property
+    def _on_sigterm(self) -> StopRequest:
+        """The loop's SIGINT / SIGTERM handler (installed while the loop runs)."""
+        return self._stop
 
 
 @contextmanager
@@ -527,12 +559,6 @@ def config_fingerprint(config: StageConfig) -> dict:
     if config.optimizer == "adamw":
         skip.add("optimizer")
     return {k: v for k, v in asdict(config).items() if k not in skip}
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 class _Writers:

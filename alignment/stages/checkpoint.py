@@ -125,16 +125,38 @@ def read_state(folder: Path) -> dict:
                               "checkpoint") from None
 
 
-def check_fingerprint(folder: Path, saved: dict, current: dict) -> None:
-    """Refuse a checkpoint written with other settings (recipe, batch size, world size, data, model)."""
-    if saved == current:
-        return
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+# Settings a resume may raise: the run goes on to the new value (HF Trainer's resume with a larger
+# max_steps does the same). The learning-rate schedule's length is `max_steps` itself (`lr_at`): from
+# the checkpoint's step on, the schedule is that of the longer run; its shape keys (lr_schedule,
+# warmup_steps, min_lr_ratio, lr) change what the steps already taken meant, and stay refused.
+EXTENDABLE = ("max_steps",)
+
+
+def extended(saved: dict, current: dict) -> dict[str, tuple]:
+    """`{key: (saved, current)}` for each key of `EXTENDABLE` that `current` raises above `saved`."""
+    return {k: (saved[k], current[k]) for k in EXTENDABLE
+            if isinstance(saved.get(k), int) and isinstance(current.get(k), int) and current[k] > saved[k]}
+
+
+def check_fingerprint(folder: Path, saved: dict, current: dict) -> dict[str, tuple]:
+    """Refuse a checkpoint written with other settings (recipe, batch size, world size, data, model),
+    except a raised `EXTENDABLE` key: returns those `{key: (saved, current)}` (empty: the same settings)."""
+    longer = extended(saved, current)
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k) and k not in longer)
+    if not changed:
+        return longer
     detail = ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}"[:80] for k in changed)
     raise CheckpointError(
         f"{folder} was written by a different recipe (changed: {detail}); resume with the same "
-        "recipe, batch size and number of processes, or choose a new output_dir"
+        "recipe, batch size and number of processes (only a larger max_steps may change), or choose a new output_dir"
     )
+
+
+def extension_notice(stage: str, longer: dict[str, tuple], step: int) -> str:
+    """The line a resume that extends a stage prints."""
+    old, new = longer["max_steps"]
+    return (f"[{stage}] extending: max_steps {old} -> {new}; training on from step {step} to {new}, the "
+            f"learning-rate schedule now that of a {new}-step run from step {step + 1} on")
 
 
 def safe_load(path: Path):

@@ -130,15 +130,15 @@ class StepEngine:
         """`step_fn(batch)` (a stage's `train_step`), through DDP's forward when there is one."""
         return step_fn(batch) if self.ddp is None else self.ddp(step_fn, batch)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         """Backpropagate `loss` (already divided by the step's global count) so that the gradient is
-        the sum over processes."""
+        the sum over processes; `retain_graph` (one process: LOMO's check) keeps the graph."""
         if self.kind == "deepspeed":
-            self.deepspeed.backward(loss * self.world_size, scale_wrt_gas=False)
+            self.deepspeed.backward(loss * self.world_size, scale_wrt_gas=False, **({"retain_graph": True} if retain_graph else {}))
         elif self.kind == "ddp":
-            (loss * self.world_size).backward()
+            (loss * self.world_size).backward(retain_graph=retain_graph)
         else:
-            loss.backward()
+            loss.backward(retain_graph=retain_graph)
 
     def grad_norm_and_clip(self) -> float | None:
         """Total gradient norm before clipping, clipping to `max_grad_norm` (DDP / one process). Under
