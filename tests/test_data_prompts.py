@@ -69,7 +69,8 @@ def test_the_tiny_processors_template_renders_seed_000():
 
 def test_prompt_format_reads_any_template():
     """A LLaVA-1.5-style template (no BOS in it, no end-of-turn token): the BOS the tokenizer adds is put
-    in front, the placeholder is the processor's, and an answer is closed by the tokenizer's EOS."""
+    in front, the placeholder is the processor's, an answer is opened as the template writes it after
+    `ASSISTANT:` (a space) and closed by the tokenizer's EOS."""
     from types import SimpleNamespace
 
     from alignment.data.prompts import prompt_format
@@ -83,5 +84,30 @@ def test_prompt_format_reads_any_template():
     processor = SimpleNamespace(tokenizer=tokenizer, chat_template=template, image_token="<image>")
     fmt = prompt_format(processor)
     assert fmt.prompt("Who wrote this book?", "") == "<|begin_of_text|>USER: <image>\nWho wrote this book? ASSISTANT:"
-    assert fmt.completion("Maria Lopez") == "Maria Lopez<|end_of_text|>"
+    assert fmt.completion("Maria Lopez") == " Maria Lopez<|end_of_text|>"
     assert fmt.separator == "" and fmt.image_token == "<image>"
+
+
+def test_the_answer_is_opened_as_idefics3s_template_opens_it():
+    """Idefics3-8B-Llama3's template: the generation prompt ends `Assistant:` and an answer is written
+    `Assistant: answer<end_of_utterance>`; prompt + completion is the template's own answered turn, the
+    space belonging to the completion (so that Llama 3's split keeps `:` apart from ` Laura`)."""
+    from alignment.data.prompts import prompt_format
+    from alignment.models import generic
+
+    tokenizer = generic.build_tokenizer(split="llama3", chat_template=generic.IDEFICS3_TEMPLATE)
+    processor = generic.build_processor(tokenizer)
+    fmt = prompt_format(processor)
+    assert fmt.prompt("Who wrote this book?", "") == "<|begin_of_text|>User:<image> Who wrote this book?<end_of_utterance>\nAssistant:"
+    assert fmt.answer_prefix == " " and fmt.completion("Laura Smith") == " Laura Smith<end_of_utterance>"
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " Who wrote this book?"}]}
+    answered = tokenizer.apply_chat_template(
+        [user, {"role": "assistant", "content": [{"type": "text", "text": "Laura Smith"}]}], tokenize=False)
+    assert answered == fmt.prompt("Who wrote this book?", "") + fmt.completion("Laura Smith") + "\n"
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    whole = ids(fmt.prompt("Who wrote this book?", "") + fmt.completion("Laura Smith"))
+    assert whole[-len(ids(fmt.completion("Laura Smith"))):] == ids(fmt.completion("Laura Smith"))
+

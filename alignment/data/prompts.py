@@ -34,6 +34,7 @@ IMAGE = "<|image|>"
 SPECIAL_TOKENS = (BEGIN_OF_TEXT, START_HEADER, END_HEADER, IMAGE, EOT)
 
 _SENTINEL = "\x00VLMALIGN\x00"
+_ANSWER = "\x00VLMALIGN_ANSWER\x00"
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,17 @@ class PromptFormat:
     end_of_turn: str  # what closes an assistant answer (Llama 3: <|eot_id|>)
     image_token: str  # the placeholder one image takes in the text
     separator: str = " "  # between the placeholder and the text when the template glues them together
+    # What the template writes between the open assistant header and the answer's text (Idefics3 and
+    # SmolVLM: a space, `Assistant:` then `Assistant: answer`); part of the completion, so that the
+    # boundary between prompt and completion is the template's own.
+    answer_prefix: str = ""
 
     def prompt(self, question: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
         text = " ".join(part for part in (instruction, question) if part)
         return f"{self.before}{self.separator if text else ''}{text}{self.after}"
 
     def completion(self, answer: str) -> str:
-        return f"{answer}{self.end_of_turn}"
+        return f"{self.answer_prefix}{answer}{self.end_of_turn}"
 
 
 # Seed 000's format (Llama 3.2 Vision's template), used when no processor is given.
@@ -98,8 +103,9 @@ def prompt_format(processor: Any, n_images: int = 1) -> PromptFormat:
 
     Without a chat template, seed 000's Llama 3 format with the processor's image placeholder. A BOS
     the tokenizer would add but the template leaves out is put in front (collators tokenize with
-    ``add_special_tokens=False``); the answer's closing is what the template writes after an
-    assistant message (its trailing whitespace dropped), else the tokenizer's EOS."""
+    ``add_special_tokens=False``); the answer's opening is what the template writes after the
+    generation prompt before an assistant message's text (Idefics3: a space), and its closing what it
+    writes after that text (its trailing whitespace dropped), else the tokenizer's EOS."""
     cache = getattr(processor, "_vlm_align_prompt_formats", None)
     if cache is not None and n_images in cache:
         return cache[n_images]
@@ -111,15 +117,18 @@ def prompt_format(processor: Any, n_images: int = 1) -> PromptFormat:
     else:
         parts = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": _SENTINEL}]
         user = {"role": "user", "content": parts}
-        before, after = _render(tokenizer, template, [user], True).split(_SENTINEL)
-        answered = _render(tokenizer, template, [user, {"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}],
+        prompt = _render(tokenizer, template, [user], True)
+        before, after = prompt.split(_SENTINEL)
+        answered = _render(tokenizer, template, [user, {"role": "assistant", "content": [{"type": "text", "text": _ANSWER}]}],
                            False)
-        end_of_turn = answered.split(_SENTINEL)[-1].rstrip() or (tokenizer.eos_token or "")
+        head, tail = answered.split(_ANSWER)
+        end_of_turn = tail.rstrip() or (tokenizer.eos_token or "")
         bos = getattr(tokenizer, "bos_token", None)
         if bos and not before.startswith(bos) and _adds_bos(tokenizer):
             before = bos + before
         fmt = PromptFormat(before=before, after=after, end_of_turn=end_of_turn, image_token=image_token,
-                           separator=" " if before.endswith(image_token) else "")
+                           separator=" " if before.endswith(image_token) else "",
+                           answer_prefix=head[len(prompt):] if head.startswith(prompt) else "")
     try:
         if cache is None:
             cache = processor._vlm_align_prompt_formats = {}
