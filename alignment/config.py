@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from alignment.errors import ConfigError  # also imported from here by callers
 from alignment.presets import METHODS, PEFT_METHODS, PRESETS
@@ -38,6 +39,7 @@ class ModelConfig:
     trust_remote_code: bool = False  # never run a checkpoint's own code unless set
     min_pixels: int | None = None  # Qwen-VL: each image's resized area at least this (pixels); None: the processor's
     max_pixels: int | None = None  # Qwen-VL: at most this; image tokens = area / 28**2 (Qwen3-VL: 32**2)
+    chat_template: str | None = None  # Jinja chat template file used in place of the checkpoint's (one rendering image parts); None: its own
 
     def __post_init__(self):
         _check(self.quantization in QUANTIZATIONS, "model.quantization", f"must be one of {QUANTIZATIONS}")
@@ -47,6 +49,8 @@ class ModelConfig:
             _check(value is None or (isinstance(value, int) and value > 0), f"model.{key}", "must be a positive integer")
         _check(self.min_pixels is None or self.max_pixels is None or self.min_pixels <= self.max_pixels,
                "model.min_pixels", f"must not exceed model.max_pixels ({self.max_pixels})")
+        _check(self.chat_template is None or Path(self.chat_template).expanduser().is_file(), "model.chat_template",
+               f"no such file: {self.chat_template} (a Jinja chat template, e.g. the base model's chat_template.jinja)")
 
 
 @dataclass

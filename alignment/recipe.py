@@ -371,6 +371,7 @@ def _run_recipe(recipe: RecipeConfig, dry_run: bool, accelerator) -> dict:
     from tqdm.auto import tqdm
 
     from alignment.data.catalog import DEFAULT_INSTRUCTION
+    from alignment.models.registry import apply_chat_template_file
     from alignment.policy import MultimodalPolicy
     from alignment.stages import STAGES, RunContext
     from alignment.stages import checkpoint as ckpt
@@ -392,6 +393,7 @@ def _run_recipe(recipe: RecipeConfig, dry_run: bool, accelerator) -> dict:
             trust_remote_code=recipe.model.trust_remote_code,
             min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels,
         )
+        apply_chat_template_file(policy.processor, recipe.model.chat_template)
         return policy.to(accelerator.device) if recipe.model.quantization == "none" else policy
 
     policy = load_policy()

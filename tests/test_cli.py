@@ -260,6 +260,54 @@ def test_dry_run_counts_llava_image_tokens_and_runs_a_real_batch(tmp_path, capsy
     assert "[dpo] real batch ok: 4 rows" in out.err + out.out and "576 vision tokens each" in out.err + out.out
 
 
+def _with_chat_template(tmp_path, name: str, template: str):
+    """A copy of tiny model `name`'s folder whose checkpoint ships `template` (chat_template.jinja)."""
+    import shutil
+
+    from alignment.models.registry import resolve_model_path
+
+    folder = tmp_path / f"{name}-text-template"
+    shutil.copytree(resolve_model_path(name), folder)
+    (folder / "chat_template.jinja").write_text(template)
+    return folder
+
+
+def test_a_llava_with_a_text_only_template_dry_runs(tmp_path, capsys):
+    """A LLaVA shipping its Llama 3 LM's template (string content only): `--dry-run` renders the prompt as
+    string content with LLaVA's `<image>\\n` and runs a real batch, with no traceback."""
+    from alignment.models.standins import LLAMA3_TEXT_TEMPLATE
+
+    folder = _with_chat_template(tmp_path, "tiny-llava", LLAMA3_TEXT_TEMPLATE)
+    code = main(["train", "recipes/dpo_bookcover.yaml", f"output_dir={tmp_path / 'run'}", f"model.name={folder}",
+                 "model.quantization=none", "data.num_covers=20", "stages.0.batch_size=2", "stages.1.batch_size=2",
+                 "--dry-run"])
+    out = capsys.readouterr()
+    assert code == 0 and "dry run ok" in out.out, out.err
+
+
+def test_a_template_without_image_parts_is_one_error_line_and_the_key_passes_one(tmp_path, capsys):
+    """An Idefics3 shipping a text-only template (no image placeholder convention for string content): one
+    `error:` line naming the template and `model.chat_template`, exit 2; with `model.chat_template=FILE`
+    the file's template is used and the dry run passes."""
+    from alignment.models import generic
+    from alignment.models.standins import LLAMA3_TEXT_TEMPLATE
+
+    folder = _with_chat_template(tmp_path, "tiny-idefics3", LLAMA3_TEXT_TEMPLATE)
+    base = ["train", "recipes/dpo_bookcover.yaml", f"model.name={folder}", "model.quantization=none",
+            "data.num_covers=20", "stages.0.batch_size=2", "stages.1.batch_size=2", "--dry-run"]
+    capsys.readouterr()
+    assert main([*base, f"output_dir={tmp_path / 'a'}"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith("error: model.chat_template: the processor's chat template of ")
+    assert str(folder) in errors[0] and "model.chat_template=path/to/template.jinja" in errors[0]
+    template = tmp_path / "idefics3.jinja"
+    template.write_text(generic.IDEFICS3_TEMPLATE)
+    assert main([*base, f"output_dir={tmp_path / 'b'}", f"model.chat_template={template}"]) == 0
+    assert "dry run ok" in capsys.readouterr().out
+
+
 # ---- BitDelta (issue #21): `compress`, and several adapters served from one base (`--adapters`)
 @pytest.fixture(scope="module")
 def compressed(run, tmp_path_factory):

@@ -14,6 +14,7 @@ from alignment.data import (
     render_completion,
     render_prompt,
 )
+from alignment.data.catalog import DEFAULT_INSTRUCTION
 from alignment.data.covers import render_cover
 
 FAMILIES = ["tiny-mllama", "tiny-llava"]
@@ -196,3 +197,52 @@ def test_llama_vision_refuses_a_row_with_two_images(examples):
     two = {**examples[0], "images": [examples[0]["image"], examples[1]["image"]]}
     with pytest.raises(DataValidationError, match="'s0': 2 images; Llama 3.2 Vision reads one image per row"):
         collate_sft([two, examples[1]], load_processor("tiny-mllama"))
+
+
+@pytest.mark.parametrize("name", ["tiny-mllama", "tiny-llava", "tiny-qwen25vl"])
+def test_appending_the_completion_to_the_prompts_equals_the_whole_rows(name, examples):
+    """Where the tokenizer does not merge across the boundary, the prompts tokenized alone with each
+    completion's tokens appended (the fallback) are the whole rows token for token, per-token tensors
+    (Mllama's cross-attention mask, Qwen's token types) and labels included."""
+    from alignment.data.collate import _appended, _encode, _prompts
+    from alignment.data.prompts import prompt_format
+    from alignment.models import load_processor
+
+    processor = load_processor(name)
+    whole = collate_sft(examples, processor)
+    prompts, images = _prompts(examples, processor, DEFAULT_INSTRUCTION)
+    completions = [prompt_format(processor).completion(e["answer"]) for e in examples]
+    completion_tokens = processor.tokenizer(completions, add_special_tokens=False)["input_ids"]
+    appended = _appended(_encode(processor, prompts, images, "right"), completion_tokens,
+                         processor.tokenizer.pad_token_id, [e["id"] for e in examples])
+    assert set(appended) == set(whole) - {"image_index", "ids"}
+    for key, value in appended.items():
+        assert torch.equal(value, whole[key]), key
+
+
+def test_a_tokenizer_merging_across_the_boundary_gets_the_templates_boundary(examples):
+    """Llama 3's split joins a colon to the next word: with a template that glues the answer to `Assistant:`,
+    `Assistant:Maria` is one piece, so the whole row does not end with the answer's own tokens. Each row is
+    then the prompt's tokens (as generation sees them) followed by the completion's, labels on the latter."""
+    from alignment.data.prompts import prompt_format
+    from alignment.models import generic
+
+    processor = generic.build_processor(generic.build_tokenizer(split="llama3"))
+    tokenizer = processor.tokenizer
+    fmt = prompt_format(processor)
+    assert fmt.after.endswith("Assistant:") and fmt.answer_prefix == ""
+    answer = tokenizer("Maria Lopez", add_special_tokens=False)["input_ids"]
+    assert tokenizer(fmt.after + "Maria Lopez", add_special_tokens=False)["input_ids"][-len(answer):] != answer
+    batch = collate_sft(examples, processor)
+    prompts = collate_prompts(examples, processor)
+    for row, example in enumerate(examples):
+        completion = tokenizer(fmt.completion(example["answer"]), add_special_tokens=False)["input_ids"]
+        prompt = prompts["input_ids"][row][prompts["attention_mask"][row].bool()].tolist()
+        length = int(batch["attention_mask"][row].sum())
+        assert batch["input_ids"][row, :length].tolist() == prompt + completion
+        assert batch["labels"][row][batch["labels"][row] != -100].tolist() == completion
+    pairs = make_preference_pairs(examples, seed=0)
+    prefs = collate_preference(pairs, processor)
+    for row, answer in enumerate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]):
+        labelled = prefs["labels"][row][prefs["labels"][row] != -100].tolist()
+        assert tokenizer.decode(labelled) == answer + "<end_of_utterance>"

@@ -69,7 +69,8 @@ def test_the_tiny_processors_template_renders_seed_000():
 
 def test_prompt_format_reads_any_template():
     """A LLaVA-1.5-style template (no BOS in it, no end-of-turn token): the BOS the tokenizer adds is put
-    in front, the placeholder is the processor's, and an answer is closed by the tokenizer's EOS."""
+    in front, the placeholder is the processor's, an answer is opened as the template writes it after
+    `ASSISTANT:` (a space) and closed by the tokenizer's EOS."""
     from types import SimpleNamespace
 
     from alignment.data.prompts import prompt_format
@@ -83,5 +84,67 @@ def test_prompt_format_reads_any_template():
     processor = SimpleNamespace(tokenizer=tokenizer, chat_template=template, image_token="<image>")
     fmt = prompt_format(processor)
     assert fmt.prompt("Who wrote this book?", "") == "<|begin_of_text|>USER: <image>\nWho wrote this book? ASSISTANT:"
-    assert fmt.completion("Maria Lopez") == "Maria Lopez<|end_of_text|>"
+    assert fmt.completion("Maria Lopez") == " Maria Lopez<|end_of_text|>"
     assert fmt.separator == "" and fmt.image_token == "<image>"
+
+
+def test_the_answer_is_opened_as_idefics3s_template_opens_it():
+    """Idefics3-8B-Llama3's template: the generation prompt ends `Assistant:` and an answer is written
+    `Assistant: answer<end_of_utterance>`; prompt + completion is the template's own answered turn, the
+    space belonging to the completion (so that Llama 3's split keeps `:` apart from ` Laura`)."""
+    from alignment.data.prompts import prompt_format
+    from alignment.models import generic
+
+    tokenizer = generic.build_tokenizer(split="llama3", chat_template=generic.IDEFICS3_TEMPLATE)
+    processor = generic.build_processor(tokenizer)
+    fmt = prompt_format(processor)
+    assert fmt.prompt("Who wrote this book?", "") == "<|begin_of_text|>User:<image> Who wrote this book?<end_of_utterance>\nAssistant:"
+    assert fmt.answer_prefix == " " and fmt.completion("Laura Smith") == " Laura Smith<end_of_utterance>"
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " Who wrote this book?"}]}
+    answered = tokenizer.apply_chat_template(
+        [user, {"role": "assistant", "content": [{"type": "text", "text": "Laura Smith"}]}], tokenize=False)
+    assert answered == fmt.prompt("Who wrote this book?", "") + fmt.completion("Laura Smith") + "\n"
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    whole = ids(fmt.prompt("Who wrote this book?", "") + fmt.completion("Laura Smith"))
+    assert whole[-len(ids(fmt.completion("Laura Smith"))):] == ids(fmt.completion("Laura Smith"))
+
+
+def test_a_text_only_template_gets_llavas_placeholder_in_string_content():
+    """A LLaVA whose chat template is its Llama 3 LM's (string content only: a list of parts would be
+    rendered as its Python repr): the turn is rendered as string content with `<image>\\n` per image before
+    the text, which is exactly what the LLaVA template that renders image parts gives."""
+    from alignment.data.prompts import prompt_format
+    from alignment.models import load_processor
+    from alignment.models.standins import LLAMA3_TEXT_TEMPLATE
+
+    reference = load_processor("standin-llava")
+    text_only = load_processor("standin-llava")
+    text_only.chat_template = None
+    text_only.tokenizer.chat_template = LLAMA3_TEXT_TEMPLATE
+    for n_images in (1, 2):
+        assert prompt_format(text_only, n_images) == prompt_format(reference, n_images), n_images
+    assert prompt_format(text_only).prompt("Who wrote this book?", "") == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWho wrote this book?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_a_template_that_renders_no_image_parts_is_one_config_error():
+    """No image placeholder convention for string content (Idefics3) and a text-only template: one line
+    naming the template and the `model.chat_template` key, never the unpacking traceback."""
+    import pytest
+
+    from alignment.config import ConfigError
+    from alignment.data.prompts import prompt_format
+    from alignment.models import generic
+    from alignment.models.standins import LLAMA3_TEXT_TEMPLATE
+
+    processor = generic.build_processor(generic.build_tokenizer(chat_template=LLAMA3_TEXT_TEMPLATE))
+    with pytest.raises(ConfigError) as error:
+        prompt_format(processor)
+    message = str(error.value)
+    assert message.startswith("model.chat_template: the processor's chat template of ") and "\n" not in message
+    assert "does not render image parts" in message and "{% set loop_messages = messages %}" in message
+    assert "model.chat_template=path/to/template.jinja" in message

@@ -239,3 +239,23 @@ def test_every_stage_runs_on_the_tiny_build(tmp_path):
     from tests._recipes import run_every_stage
 
     run_every_stage(tmp_path / "run", NAME)
+
+
+def test_sft_and_dpo_train_on_idefics3s_template_with_llama3s_split(tmp_path):
+    """Idefics3-8B-Llama3's chat template (`Assistant:` prompt, `Assistant: answer` turns) over a BPE with
+    Llama 3's pre-tokenizer (a colon joins the next word: `:Laura`), from a local folder: SFT and DPO train
+    (no boundary error; DPO's loss falls from ln 2), every row's completion the template's ` answer<end_of_utterance>`."""
+    import math
+
+    from alignment.recipe import run_recipe
+    from tests._recipes import build, tiny_recipe
+
+    folder = tmp_path / "idefics3-llama3"
+    generic.write_tiny(generic.build_tokenizer(split="llama3", chat_template=generic.IDEFICS3_TEMPLATE), folder)
+    raw = tiny_recipe(tmp_path / "run", stages=("sft", "dpo"), steps=4, model={"name": str(folder)})
+    raw["stages"][1]["lr"] = 5e-3
+    stages = {s["name"]: s for s in run_recipe(build(raw))["stages"]}
+    for stage in stages.values():
+        assert stage["steps"] == 4 and all(math.isfinite(h["loss"]) for h in stage["history"]), stage["name"]
+    dpo = stages["dpo"]["train"]
+    assert abs(dpo["loss_first"] - math.log(2)) < 1e-5 and dpo["loss_last"] < dpo["loss_first"] - 0.02, dpo

@@ -26,3 +26,32 @@ def test_four_bit_weights_stay_unpacked_through_an_eval_forward():
     for layer, data in zip(layers, before, strict=True):
         assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
         assert torch.equal(layer.weight.data, data)
+
+
+def test_a_chat_template_file_replaces_the_checkpoints(tmp_path):
+    """`load_processor(chat_template=FILE)` (recipe key `model.chat_template`): the file's template, as
+    `.jinja` or as a checkpoint's `chat_template.json`, becomes the processor's and the tokenizer's, and
+    prompt formats read before are read again; a missing file is refused by the recipe's check."""
+    import json
+
+    import pytest
+
+    from alignment.config import ConfigError, ModelConfig
+    from alignment.data.prompts import prompt_format
+    from alignment.models import generic
+    from alignment.models.registry import apply_chat_template_file, load_processor
+
+    jinja = tmp_path / "idefics3.jinja"
+    jinja.write_text(generic.IDEFICS3_TEMPLATE)
+    processor = load_processor("tiny-idefics3", chat_template=str(jinja))
+    assert processor.chat_template == processor.tokenizer.chat_template == generic.IDEFICS3_TEMPLATE
+    assert prompt_format(processor).answer_prefix == " "  # the tiny build's own template glues the answer
+    stock = load_processor("tiny-idefics3")
+    assert prompt_format(stock).answer_prefix == ""
+    packed = tmp_path / "chat_template.json"
+    packed.write_text(json.dumps({"chat_template": generic.IDEFICS3_TEMPLATE}))
+    apply_chat_template_file(stock, str(packed))
+    assert stock.tokenizer.chat_template == generic.IDEFICS3_TEMPLATE and prompt_format(stock).answer_prefix == " "
+    assert ModelConfig(chat_template=str(jinja)).chat_template == str(jinja)
+    with pytest.raises(ConfigError, match="model.chat_template: no such file: .*missing.jinja"):
+        ModelConfig(chat_template=str(tmp_path / "missing.jinja"))

@@ -16,8 +16,9 @@ Shapes (B rows, T tokens, N images; ``tiles`` = the image processor's max tiles)
 An example shows its ``image`` or its ``images`` (a list; one placeholder each, in order). Each image
 is held once per batch; a preference pair's two rows point at the same images. Each sequence is
 tokenized whole (prompt + completion) by the processor, so Mllama's cross-attention mask spans the
-completion; the completion, tokenized alone, must end each row's real tokens (checked), which gives
-the labels. Rows are never truncated: a row over ``max_length`` raises ``DataValidationError``.
+completion; the completion, tokenized alone, ends each row's real tokens (checked), which gives the
+labels. Where the tokenizer merges across the boundary, the prompts are tokenized alone by the
+processor and the completions' tokens appended (the template's boundary, as generation sees it). Rows are never truncated: a row over ``max_length`` raises ``DataValidationError``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ IGNORE_INDEX = -100
 # Pixel keys with one entry per image (or per row's images) along dim 0, never per token.
 _IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "image_grid_thw", "pixel_attention_mask",
                "image_sizes")
+# Per-token processor outputs besides input_ids / attention_mask that a completion can be appended to.
+_APPENDABLE_KEYS = ("cross_attention_mask", "token_type_ids", "mm_token_type_ids")
 
 
 def processor_family(processor: Any) -> str:
@@ -110,23 +113,73 @@ def _check_length(batch: dict[str, torch.Tensor], ids: list[str], max_length: in
                 "max_length, or validate the data with the tokenizer and policy='skip' first")
 
 
-def _labels(batch: dict[str, torch.Tensor], processor: Any, completions: list[str], ids: list[str]) -> torch.Tensor:
+def _completion_labels(batch: dict[str, torch.Tensor], completion_ids: list[list[int]]) -> torch.Tensor | None:
     """``input_ids`` with -100 everywhere but each row's completion: the last tokens of its real (right-padded)
-    tokens, found as the completion tokenized alone. Working from the end leaves the prompt's image tokens
+    tokens, found as the completion tokenized alone (`completion_ids`); None when a row does not end with
+    them (the tokenizer merged across the boundary). Working from the end leaves the prompt's image tokens
     alone, however the processor expanded each placeholder (one token, 576 copies, a grid of tile markers)."""
-    completion_ids = processor.tokenizer(completions, add_special_tokens=False)["input_ids"]
     labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     for row, completion in enumerate(completion_ids):
         end = lengths[row]
         start = end - len(completion)
         if start < 0 or batch["input_ids"][row, start:end].tolist() != completion:
-            raise DataValidationError(
-                f"sample {ids[row % len(ids)]!r} (batch row {row}): the completion's tokens are not the end of "
-                "prompt + completion's tokens, so the completion cannot be located; the tokenizer merges "
-                "across the boundary (check the tokenizer's pre-tokenizer)")
+            return None
         labels[row, start:end] = batch["input_ids"][row, start:end]
     return labels
+
+
+def _appended(prompts: dict[str, torch.Tensor], completion_ids: list[list[int]], pad_id: int,
+              ids: list[str]) -> dict[str, torch.Tensor]:
+    """The processor's right-padded prompt rows with each row's completion tokens appended after its real
+    tokens (labels on them only): the tokens of prompt and completion each tokenized alone, as generation
+    sees them. Per-token tensors go along: Mllama's cross-attention mask keeps the prompt's last real entry
+    over the completion (as the processor fills it to a row's end), token type ids are 0 (text) there."""
+    rows, old_width = prompts["input_ids"].shape
+    lengths = prompts["attention_mask"].sum(dim=1).tolist()
+    width = max(length + len(c) for length, c in zip(lengths, completion_ids))
+    per_token = [k for k, v in prompts.items() if k not in ("input_ids", "attention_mask") and k not in _IMAGE_KEYS
+                 and torch.is_tensor(v) and v.dim() >= 2 and tuple(v.shape[:2]) == (rows, old_width)]
+    unknown = [k for k in per_token if k not in _APPENDABLE_KEYS]
+    if unknown:
+        raise DataValidationError(
+            f"sample {ids[0]!r}: the completion's tokens are not the end of prompt + completion's tokens (the "
+            f"tokenizer merges across the boundary), and the processor's per-token {unknown[0]!r} cannot be "
+            "extended over a completion tokenized alone (check the tokenizer's pre-tokenizer)")
+    out = {k: v for k, v in prompts.items() if k not in per_token}
+    out["input_ids"] = torch.full((rows, width), pad_id, dtype=prompts["input_ids"].dtype)
+    out["attention_mask"] = torch.zeros((rows, width), dtype=prompts["attention_mask"].dtype)
+    out["labels"] = torch.full((rows, width), IGNORE_INDEX, dtype=prompts["input_ids"].dtype)
+    for key in per_token:
+        out[key] = prompts[key].new_zeros((rows, width, *prompts[key].shape[2:]))
+    for row, (length, completion) in enumerate(zip(lengths, completion_ids)):
+        end = length + len(completion)
+        tokens = torch.tensor(completion, dtype=prompts["input_ids"].dtype)
+        out["input_ids"][row, :length] = prompts["input_ids"][row, :length]
+        out["input_ids"][row, length:end] = tokens
+        out["labels"][row, length:end] = tokens
+        out["attention_mask"][row, :end] = 1
+        for key in per_token:
+            out[key][row, :length] = prompts[key][row, :length]
+            if key == "cross_attention_mask" and length:
+                out[key][row, length:end] = prompts[key][row, length - 1]
+    return out
+
+
+def _encode_answered(processor: Any, prompts: list[str], completions: list[str], images: list[list[Any]],
+                     ids: list[str]) -> dict[str, torch.Tensor]:
+    """Rows prompt + completion, right-padded, with ``labels`` on the completion only. Each row is tokenized
+    whole by the processor; where the tokenizer merges across the boundary (Llama 3's split joins
+    `Assistant:` to a glued answer: `:Laura`), the prompts go through the processor alone and the
+    completions' own tokens are appended, so that the boundary is the template's (`_appended`)."""
+    completion_ids = processor.tokenizer(completions, add_special_tokens=False)["input_ids"]
+    batch = _encode(processor, [p + c for p, c in zip(prompts, completions)], images, "right")
+    labels = _completion_labels(batch, completion_ids)
+    if labels is not None:
+        batch["labels"] = labels
+        return batch
+    return _appended(_encode(processor, prompts, images, "right"), completion_ids,
+                     processor.tokenizer.pad_token_id, ids)
 
 
 def _prompts(examples: list[dict[str, Any]], processor: Any, instruction: str) -> tuple[list[str], list[list[Any]]]:
@@ -142,9 +195,8 @@ def collate_sft(examples: list[dict[str, Any]], processor: Any, max_length: int 
     ids = [e["id"] for e in examples]
     prompts, images = _prompts(examples, processor, instruction)
     completions = [prompt_format(processor).completion(e["answer"]) for e in examples]
-    batch = _encode(processor, [p + c for p, c in zip(prompts, completions)], images, "right")
+    batch = _encode_answered(processor, prompts, completions, images, ids)
     _check_length(batch, ids, max_length)
-    batch["labels"] = _labels(batch, processor, completions, ids)
     batch["image_index"], _ = _image_index(batch, [len(i) for i in images], ids)
     batch["ids"] = ids
     return batch
@@ -161,9 +213,8 @@ def collate_preference(examples: list[dict[str, Any]], processor: Any, max_lengt
     prompts, images = _prompts(examples, processor, instruction)
     fmt = prompt_format(processor)
     completions = [fmt.completion(e["chosen"]) for e in examples] + [fmt.completion(e["rejected"]) for e in examples]
-    batch = _encode(processor, [p + c for p, c in zip(prompts * 2, completions)], images * 2, "right")
+    batch = _encode_answered(processor, prompts * 2, completions, images * 2, ids)
     _check_length(batch, ids, max_length)
-    batch["labels"] = _labels(batch, processor, completions, ids)
     index, entries = _image_index(batch, [len(i) for i in images] * 2, ids)
     chosen = index[: len(examples)]
     batch.update(_first_images(batch, entries // 2))

@@ -69,6 +69,16 @@ CHAT_TEMPLATE = (
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
 )
+# Idefics3-8B-Llama3's own chat template (SmolVLM's alike, with `<|im_start|>` first): a turn opening
+# with text is `User: text`, one opening with an image `User:<image>text`; the generation prompt is
+# `Assistant:` with no space, and an answer is written `Assistant: answer<end_of_utterance>\n`.
+IDEFICS3_TEMPLATE = (
+    "<|begin_of_text|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
 
 
 @dataclass
@@ -109,14 +119,15 @@ class PixelRows:
 
 # --- tiny build --------------------------------------------------------------------------------------
 
-def build_tokenizer():
-    """The repo's byte-level BPE with Idefics3's special tokens and an Idefics3-style template
-    (`User:<image> text<end_of_utterance>\\nAssistant:`); EOS `<end_of_utterance>`."""
+def build_tokenizer(split: str = "gpt2", chat_template: str = CHAT_TEMPLATE):
+    """The repo's byte-level BPE (pre-tokenizer `split`: "gpt2" or "llama3", alignment/models/tokenizer.py)
+    with Idefics3's special tokens and `chat_template` (by default an Idefics3-style one: `User:<image>
+    text<end_of_utterance>\\nAssistant:`); EOS `<end_of_utterance>`."""
     from alignment.models.tokenizer import build_tokenizer as build_bpe
 
-    tokenizer = build_bpe()
+    tokenizer = build_bpe(split=split)
     tokenizer.add_special_tokens({"additional_special_tokens": list(IDEFICS3_TOKENS)})
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     tokenizer.eos_token = "<end_of_utterance>"
     return tokenizer
 
@@ -153,11 +164,15 @@ def build_tiny(name: str, folder: Path) -> None:
     """Write the tiny random Idefics3 (tokenizer, processor, config, weights, generation config stopping
     at `<end_of_utterance>`; seed 0) into `folder`. The LM head is drawn with std 0.1 (qwen_vl.build_tiny
     says why)."""
-    from transformers import GenerationConfig, Idefics3ForConditionalGeneration
-
     if name not in TINY_MODELS:
         raise ValueError(f"unknown tiny model {name!r}; the generic family builds {sorted(TINY_MODELS)}")
-    tokenizer = build_tokenizer()
+    write_tiny(build_tokenizer(), folder)
+
+
+def write_tiny(tokenizer, folder: Path) -> None:
+    """The tiny random Idefics3 over `tokenizer` (its chat template the processor's) into `folder` (seed 0)."""
+    from transformers import GenerationConfig, Idefics3ForConditionalGeneration
+
     build_processor(tokenizer).save_pretrained(folder)
     torch.manual_seed(0)
     model = Idefics3ForConditionalGeneration(tiny_config(tokenizer))

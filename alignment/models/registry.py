@@ -174,11 +174,40 @@ def _from_hub(name: str, load):
         hub_logger.setLevel(level)
 
 
+def read_chat_template(path: str) -> str:
+    """The Jinja text of a chat template file: a `.jinja` (or any text) file, or a `chat_template.json`
+    (`{"chat_template": "..."}`, as checkpoints ship it)."""
+    import json
+
+    file = Path(path).expanduser()
+    text = file.read_text(encoding="utf-8")
+    if file.suffix == ".json":
+        from alignment.config import ConfigError
+
+        template = json.loads(text).get("chat_template") if text.strip().startswith("{") else None
+        if not isinstance(template, str):
+            raise ConfigError(f"model.chat_template: {file} has no \"chat_template\" string")
+        return template
+    return text
+
+
+def apply_chat_template_file(processor, path: str | None) -> None:
+    """Use the chat template in file `path` (`read_chat_template`) as the processor's and its tokenizer's, in
+    place of the checkpoint's (recipe key `model.chat_template`); nothing for None. Prompt formats already
+    read off the processor (`alignment.data.prompts.prompt_format`'s cache) are dropped."""
+    if path is None:
+        return
+    template = read_chat_template(path)
+    processor.chat_template = template
+    processor.tokenizer.chat_template = template
+    vars(processor).pop("_vlm_align_prompt_formats", None)
+
+
 def load_processor(name_or_path: str, trust_remote_code: bool = False, min_pixels: int | None = None,
-                   max_pixels: int | None = None):
+                   max_pixels: int | None = None, chat_template: str | None = None):
     """The model's processor (tokenizer + image processor), through its family's `load_processor` where it
     has one (Qwen: video-free without torchvision; `min_pixels`/`max_pixels` its pixel budget); a pad token
-    always (right padding by default)."""
+    always (right padding by default); the chat template of file `chat_template` in place of its own where given."""
     from transformers import AutoConfig, AutoProcessor
 
     path = resolve_model_path(name_or_path)
@@ -196,6 +225,7 @@ def load_processor(name_or_path: str, trust_remote_code: bool = False, min_pixel
     tokenizer = processor.tokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = "<|finetune_right_pad_id|>" if "<|finetune_right_pad_id|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    apply_chat_template_file(processor, chat_template)
     return processor
 
 

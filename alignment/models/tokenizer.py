@@ -35,6 +35,13 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 
+# Llama 3's pre-tokenizer split (its tokenizer.json, before the byte-level mapping): unlike GPT-2's, a
+# punctuation mark or symbol joins the word after it (`[^\r\n\p{L}\p{N}]?\p{L}+`), so `Assistant:Laura`
+# splits as `Assistant` `:Laura`, and `: Laura` as `:` ` Laura`.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLITS = ("gpt2", "llama3")
+
 _GENERIC_TEXT = (
     "user assistant system the a an of and to in is it this that book cover image shows answer "
     "question based on do not explain yes no title author genre type written by what who which "
@@ -58,13 +65,36 @@ def tokenizer_corpus() -> list[str]:
     return lines + names * 20
 
 
-def build_tokenizer(vocab_size: int = 1024):
-    """Train the byte-level BPE and wrap it as a `PreTrainedTokenizerFast` (deterministic)."""
+def glued_corpus() -> list[str]:
+    """`Field:value` lines (`Author:Laura Smith`, `Genre:Travel`): text where a colon touches the next word,
+    from which a BPE trained with Llama 3's split learns tokens such as `:Laura` (as Llama 3's own has)."""
+    from alignment.data import catalog
+
+    fields = (("Author", catalog.AUTHORS), ("Title", catalog.TITLES), ("Genre", catalog.GENRES), ("Answer", ("Yes", "No")))
+    return [f"{field}:{value}" for field, values in fields for value in values] * 20
+
+
+def pre_tokenizer(split: str = "gpt2"):
+    """The byte-level pre-tokenizer: GPT-2's split (`ByteLevel`'s own regex), or Llama 3's split
+    (`LLAMA3_SPLIT`, isolated) followed by the byte-level mapping, as in Llama 3's tokenizer.json."""
+    from tokenizers import Regex, pre_tokenizers
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "gpt2":
+        return pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def build_tokenizer(vocab_size: int = 1024, split: str = "gpt2"):
+    """Train the byte-level BPE and wrap it as a `PreTrainedTokenizerFast` (deterministic). `split="llama3"`:
+    Llama 3's pre-tokenizer, trained on `glued_corpus()` too (so that it merges across a colon)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.pre_tokenizer = pre_tokenizer(split)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -72,7 +102,7 @@ def build_tokenizer(vocab_size: int = 1024):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    core.train_from_iterator(tokenizer_corpus(), trainer)
+    core.train_from_iterator(tokenizer_corpus() + (glued_corpus() if split == "llama3" else []), trainer)
     # Like Llama 3: the tokenizer prepends <|begin_of_text|> unless add_special_tokens=False.
     core.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, core.token_to_id(BOS))]
