@@ -168,6 +168,11 @@ def _guarded(command, args) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return command(args)
+    except KeyboardInterrupt:  # before a stage's loop (which checkpoints, then exits 130 itself): nothing to save
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
     except _user_errors() as error:
         if args.debug:
             raise

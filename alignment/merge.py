@@ -34,7 +34,8 @@ class MergeError(ValueError):
 
 def merge_adapter(model_name: str, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
                   dtype: str = "bf16", trust_remote_code: bool = False, overwrite: bool = False,
-                  instruction: str | None = None, max_new_tokens: int | None = None) -> Path:
+                  instruction: str | None = None, max_new_tokens: int | None = None,
+                  chat_template: str | None = None) -> Path:
     """Write base `model_name` + the LoRA adapter in `adapter_dir`, merged, to `out_dir` (atomically).
 
     The folder carries what generation needs beside the weights, so that plain transformers answers as
@@ -68,7 +69,7 @@ def merge_adapter(model_name: str, adapter_dir: str | os.PathLike, out_dir: str 
 
     torch_dtype = getattr(torch, DTYPES[dtype])
     policy = MultimodalPolicy.from_pretrained(model_name, quantization="none", dtype=torch_dtype,
-                                              trust_remote_code=trust_remote_code)
+                                              trust_remote_code=trust_remote_code, chat_template=chat_template)
     policy.load_adapter("policy", adapter_dir, trainable=False)
     prompt = _prompt_record(policy, instruction)
     generation = _generation_settings(policy, max_new_tokens)
@@ -196,7 +197,8 @@ def command(args) -> int:
               f"base weights in {args.dtype}", file=sys.stderr)
     out = merge_adapter(recipe.model.name, args.stage, args.out_dir, dtype=args.dtype,
                         trust_remote_code=recipe.model.trust_remote_code, overwrite=args.overwrite,
-                        instruction=instruction_of(recipe), max_new_tokens=recipe.stages[index].max_new_tokens)
+                        instruction=instruction_of(recipe), max_new_tokens=recipe.stages[index].max_new_tokens,
+                        chat_template=recipe.model.chat_template)
     print(f"merged {args.stage} into {recipe.model.name} ({args.dtype}): {out}")
     print(f"load it with AutoModelForImageTextToText.from_pretrained({str(out)!r}) and "
           f"AutoProcessor.from_pretrained({str(out)!r}); {out / CARD_FILE} shows how to prompt it")

@@ -371,7 +371,6 @@ def _run_recipe(recipe: RecipeConfig, dry_run: bool, accelerator) -> dict:
     from tqdm.auto import tqdm
 
     from alignment.data.catalog import DEFAULT_INSTRUCTION
-    from alignment.models.registry import apply_chat_template_file
     from alignment.policy import MultimodalPolicy
     from alignment.stages import STAGES, RunContext
     from alignment.stages import checkpoint as ckpt
@@ -392,8 +391,8 @@ def _run_recipe(recipe: RecipeConfig, dry_run: bool, accelerator) -> dict:
             gradient_checkpointing=recipe.model.gradient_checkpointing,
             trust_remote_code=recipe.model.trust_remote_code,
             min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels,
+            chat_template=recipe.model.chat_template,
         )
-        apply_chat_template_file(policy.processor, recipe.model.chat_template)
         return policy.to(accelerator.device) if recipe.model.quantization == "none" else policy
 
     policy = load_policy()

@@ -49,7 +49,8 @@ def load_base(recipe, device=None) -> MultimodalPolicy:
 
     policy = MultimodalPolicy.from_pretrained(recipe.model.name, quantization=recipe.model.quantization,
                                               dtype=model_dtype(recipe), trust_remote_code=recipe.model.trust_remote_code,
-                                              min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels)
+                                              min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels,
+                                              chat_template=recipe.model.chat_template)
     if recipe.model.quantization == "none":
         policy.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return policy

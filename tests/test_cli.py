@@ -306,6 +306,11 @@ def test_a_template_without_image_parts_is_one_error_line_and_the_key_passes_one
     template.write_text(generic.IDEFICS3_TEMPLATE)
     assert main([*base, f"output_dir={tmp_path / 'b'}", f"model.chat_template={template}"]) == 0
     assert "dry run ok" in capsys.readouterr().out
+    from alignment.runs import load_base  # eval, generate and compress load the run's base with the key too
+
+    recipe = load_recipe("recipes/dpo_bookcover.yaml", [f"model.name={folder}", "model.quantization=none",
+                                                         f"model.chat_template={template}"])
+    assert load_base(recipe, "cpu").processor.chat_template == generic.IDEFICS3_TEMPLATE
 
 
 # ---- BitDelta (issue #21): `compress`, and several adapters served from one base (`--adapters`)

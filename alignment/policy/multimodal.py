@@ -56,8 +56,10 @@ class MultimodalPolicy(AdapterRoles, AdapterFiles, Scoring, nn.Module):
         trust_remote_code: bool = False,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        chat_template: str | None = None,
     ) -> MultimodalPolicy:
-        """Load base model and processor (tiny name, local folder or hub id); base weights frozen."""
+        """Load base model and processor (tiny name, local folder or hub id); base weights frozen. `chat_template`:
+        a template file used in place of the checkpoint's (recipe key `model.chat_template`)."""
         model = load_model(name_or_path, quantization=quantization, dtype=dtype, trust_remote_code=trust_remote_code)
         model.requires_grad_(False)
         # Frozen weights keep the checkpoint's dtype. PEFT's prepare_model_for_kbit_training would upcast
@@ -69,7 +71,7 @@ class MultimodalPolicy(AdapterRoles, AdapterFiles, Scoring, nn.Module):
             family_of(model).enable_gradient_checkpointing(model)
         model.config.use_cache = False
         return cls(model, load_processor(name_or_path, trust_remote_code=trust_remote_code, min_pixels=min_pixels,
-                                         max_pixels=max_pixels))
+                                         max_pixels=max_pixels, chat_template=chat_template))
 
     # ------------------------------------------------------------------- facts
     @property
