@@ -35,7 +35,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. stages.1.beta=0.2")
     parser.add_argument("--dry-run", action="store_true", help="validate recipe, model and data; train nothing")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    _add_output_args(parser)
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -49,7 +49,13 @@ def _add_stage_arg(parser: argparse.ArgumentParser) -> None:
                         help="a stage's folder in a run's output_dir, e.g. outputs/dpo_bookcover/dpo")
     parser.add_argument("--recipe", metavar="YAML", default=None,
                         help="the run's recipe when RUN_DIR has no recipe.yaml (runs made before it was saved)")
+    _add_output_args(parser)
+
+
+def _add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' own warnings and progress bars too (hidden by default)")
 
 
 def _version() -> str:
@@ -166,6 +172,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _guarded(command, args) -> int:
     """Run `command(args)`; a user error prints one line and returns 2 (raises with --debug)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.verbose:
+        from alignment.quiet import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"  # for every process accelerate starts, too
     try:
         return command(args)
     except KeyboardInterrupt:  # before a stage's loop (which checkpoints, then exits 130 itself): nothing to save

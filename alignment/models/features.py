@@ -198,3 +198,14 @@ def cat_image_indices(indices: list[torch.Tensor], counts: list[int]) -> torch.T
     slots = [as_slots(i) for i in shifted]
     width = max(s.shape[1] for s in slots)
     return torch.cat([torch.nn.functional.pad(s, (0, width - s.shape[1]), value=-1) for s in slots])
+
+
+def checkpoint_layers(model) -> None:
+    """transformers' non-reentrant activation checkpointing of the layers it checkpoints (its
+    `activation_checkpointing_enable`; the older name `gradient_checkpointing_enable` where that is all there is,
+    which transformers 5 still answers, with a FutureWarning)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from alignment.models.features import move_tensor, padded_cat, placeholder_ids
+from alignment.models.features import checkpoint_layers, move_tensor, padded_cat, placeholder_ids
 
 MODEL_TYPES = ()  # serves, through the registry, any image-text-to-text model type without a family file
 TINY_MODELS = {"tiny-idefics3": "idefics3"}
@@ -247,7 +247,7 @@ def unsampled_token_ids(config) -> list[int]:
 
 def enable_gradient_checkpointing(model) -> None:
     """transformers' non-reentrant activation checkpointing (whichever layers the model checkpoints)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpoint_layers(model)
 
 
 def vision_modules(model) -> list[torch.nn.Module]:

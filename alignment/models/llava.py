@@ -12,6 +12,7 @@ import torch
 
 from alignment.models.features import (
     ImageFeatures,
+    checkpoint_layers,
     decode_step,
     default_image_index,
     flat_images,
@@ -172,7 +173,7 @@ def vision_modules(model) -> list[torch.nn.Module]:
 def enable_gradient_checkpointing(model) -> None:
     """Non-reentrant activation checkpointing on every layer (CLIP's and the language model's layers are
     transformers' checkpointing layers)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpoint_layers(model)
 
 
 _TEXT = r"language_model\.layers\.\d+"

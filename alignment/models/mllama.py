@@ -13,6 +13,7 @@ import torch
 from alignment.models.features import (
     ImageFeatures,
     as_slots,
+    checkpoint_layers,
     decode_step,
     default_image_index,
     placeholder_ids,
@@ -181,7 +182,7 @@ def enable_gradient_checkpointing(model) -> None:
     so with the vision tower trained (the `multimodal` preset) all 40 layers over 4 tiles x 1601 tokens
     kept their activations (15.5 GB of an 11B QLoRA DPO step at batch 1, measured on an H200). Each
     vision layer's forward is wrapped here; it recomputes only when gradients are being recorded."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpoint_layers(model)
     vision = inner_model(model).vision_model
     for encoder in (vision.transformer, vision.global_transformer):
         for layer in encoder.layers:

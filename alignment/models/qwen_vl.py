@@ -26,6 +26,7 @@ import torch
 
 from alignment.models.features import (
     ImageFeatures,
+    checkpoint_layers,
     default_image_index,
     flat_images,
     placeholder_ids,
@@ -351,7 +352,7 @@ def unsampled_token_ids(config) -> list[int]:
 def enable_gradient_checkpointing(model) -> None:
     """Non-reentrant activation checkpointing on every layer: Qwen's vision blocks and decoder layers are
     transformers' checkpointing layers."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpoint_layers(model)
 
 
 def vision_modules(model) -> list[torch.nn.Module]:

@@ -12,6 +12,7 @@ from types import ModuleType
 import torch
 
 from alignment.models import generic, llava, mllama, qwen_vl
+from alignment.quiet import without_library_progress_bars
 
 _FAMILY_MODULES = (mllama, llava, qwen_vl, generic)
 FAMILIES: dict[str, ModuleType] = {t: module for module in _FAMILY_MODULES for t in module.MODEL_TYPES}
@@ -281,7 +282,7 @@ def load_model(
     # Loading leaves the RNG as it found it: under DeepSpeed ZeRO-3 transformers initialises the
     # partitioned weights randomly before loading them, which would change every adapter's init after.
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), without_library_progress_bars():
         model = _from_hub(name_or_path, lambda: AutoModelForImageTextToText.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs))
     if quant is not None:

@@ -1,0 +1,42 @@
+"""A quiet terminal: our lines and our progress bars; the libraries' known-harmless noise hidden where it arises.
+
+`VERBOSE` (environment `VLM_ALIGN_VERBOSE=1`, set by `--verbose`) shows everything. Each context here wraps the
+one call that makes the noise, so nothing is silenced globally and a warning raised anywhere else still shows.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import contextmanager
+
+VERBOSE_ENV = "VLM_ALIGN_VERBOSE"
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+@contextmanager
+def without_library_progress_bars():
+    """transformers' own bars (`Loading weights: 100%|...`) off for the duration, as they were after."""
+    from transformers.utils import logging
+
+    if verbose() or not logging.is_progress_bar_enabled():
+        yield
+        return
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.enable_progress_bar()
+
+
+@contextmanager
+def ignoring(*messages: str, category: type[Warning] = Warning):
+    """Warnings whose text starts with one of `messages` hidden inside the block (all shown when verbose)."""
+    with warnings.catch_warnings():
+        if not verbose():
+            for message in messages:
+                warnings.filterwarnings("ignore", message=message, category=category)
+        yield
