@@ -30,10 +30,12 @@ from tqdm.auto import tqdm
 
 from alignment.config import ConfigError, StageConfig
 from alignment.optimizers import LOMO, MeZO, build_optimizer, set_torch_rng_state, step_seed, torch_rng_state
+from alignment.samples import write_stage_samples
 from alignment.stages import checkpoint as ckpt
 from alignment.stages.engine import StepEngine, distributed_facts, engine_kind, zero3_gathered
 from alignment.stages.schedule import lr_at
 from alignment.stages.stream import ExampleStream
+from alignment.summary import scalar_metrics
 
 # Stages whose loss compares against `policy.reference()`: under full fine-tuning without a frozen
 # `reference` set, that is the weights the stage starts from, which the loop then keeps a copy of.
@@ -97,6 +99,7 @@ class Stage:
         self.nonfinite_steps = 0
         self._sigterm = False
         self.engine: StepEngine | None = None  # set by `train`: DDP / DeepSpeed / one process
+        self.writer = None  # scalars (TensorBoard, ...) on the main process, open while `run` runs
 
     # ---- hooks -----------------------------------------------------------------
     def setup(self, previous_adapter: Path | None) -> None:
@@ -168,7 +171,18 @@ class Stage:
 
     # ---- the loop --------------------------------------------------------------
     def run(self, previous_adapter: Path | None = None) -> dict:
-        """Set up, train (resuming if asked), save the adapter, evaluate; returns the report entry."""
+        """Set up, train (resuming if asked), save the adapter, evaluate; returns the report entry.
+        One scalar writer (TensorBoard, ...) serves the training steps and the evaluation's metrics."""
+        self.writer = _writer(self.ctx.output_dir / "runs" / self.config.name, self.ctx.report_to,
+                              self.ctx.recipe_name) if self.ctx.is_main else None
+        try:
+            return self._run(previous_adapter)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+            self.writer = None
+
+    def _run(self, previous_adapter: Path | None) -> dict:
         start = time.time()
         with zero3_gathered(getattr(self.policy, "adapter_parameters", list)(), modifier_rank=0):
             self.setup(previous_adapter)  # ZeRO-3 (a later stage): the adapters it copies or loads whole
@@ -184,6 +198,10 @@ class Stage:
             with torch.no_grad():
                 metrics = self.evaluate()
                 test = self.evaluate_on(self.test_examples) if self.test_examples else None
+            if self.ctx.is_main:  # the first answers with their images, for the run page (no generation)
+                write_stage_samples(self.dir, self.config.name, self.type, metrics, test,
+                                    self.eval_examples, self.test_examples)
+                _log_eval_scalars(self.writer, self.config.name, steps, metrics, test)
         for model in self.trained_models():  # full fine-tuning: the next stage starts from these weights
             if _full_sets(model) is not None:
                 _full_sets(model).drop_start()
@@ -252,6 +270,7 @@ class Stage:
         bf16 = getattr(ctx.accelerator, "mixed_precision", "no") == "bf16"
         optimizer = self._optimizer(params)
         writer = bar = previous_handler = None
+        own_writer = False
         try:
             self.engine = StepEngine(ctx.accelerator, self.trained_models(), params, optimizer,
                                      cfg.batch_size, cfg.max_grad_norm, bf16)
@@ -259,7 +278,9 @@ class Stage:
             step = self._resume_optimizer(folder, optimizer) if folder is not None else 0
             self.stream = stream  # before_training may replay the batches to come (DPO's reference pass)
             self.before_training()
-            writer = _writer(ctx.output_dir / "runs" / cfg.name, ctx.report_to, ctx.recipe_name) if ctx.is_main else None
+            own_writer = self.writer is None  # `run` opens one for training and evaluation; `train` alone, its own
+            writer = self.writer if not own_writer else (
+                _writer(ctx.output_dir / "runs" / cfg.name, ctx.report_to, ctx.recipe_name) if ctx.is_main else None)
             bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.name, disable=not ctx.is_main, dynamic_ncols=True)
             previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
             for model in self.trained_models():
@@ -290,7 +311,7 @@ class Stage:
                 optimizer.close()  # the parameters outlive the stage: they must stop updating in backward
             if bar is not None:
                 bar.close()
-            if writer is not None:
+            if writer is not None and own_writer:
                 writer.close()
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
@@ -561,6 +582,17 @@ class _Writers:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _log_eval_scalars(writer, stage: str, step: int, metrics: dict, test: dict | None) -> None:
+    """A stage's evaluation as scalars at its last step: `<stage>/eval/<metric>` (val) and
+    `<stage>/test/<metric>`; a split with no value (no examples) writes nothing."""
+    if writer is None:
+        return
+    for split, block in (("eval", metrics), ("test", test)):
+        for key, value in scalar_metrics(block).items():
+            writer.add_scalar(f"{stage}/{split}/{key}", value, step)
+    writer.flush()
 
 
 def _writer(folder: Path, report_to=("tensorboard",), run_name: str = "run"):
