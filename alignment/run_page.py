@@ -64,6 +64,7 @@ td.answer.miss { background: #fef3f2; }
 .mark { font-weight: 700; margin-right: 4px; }
 .hit .mark { color: #15803d; }
 .miss .mark { color: #b42318; }
+em.empty { color: var(--muted); }
 .reward { display: block; color: var(--muted); font-size: 12px; }
 .charts { display: flex; flex-wrap: wrap; gap: 12px; }
 svg.chart { border: 1px solid var(--line); border-radius: 6px; background: #fff; }
@@ -213,8 +214,9 @@ def _examples_table(run_dir: Path, entries: list[dict]) -> str:
             hit = normalize_answer(answer.get("answer") or "") == reference
             reward = (f"<span class='reward'>reward {_e(_fmt(answer['reward']))}</span>"
                       if isinstance(answer.get("reward"), (int, float)) else "")
+            text = _e(answer.get("answer")) if (answer.get("answer") or "").strip() else "<em class='empty'>(empty)</em>"
             cells.append(f"<td class='answer {'hit' if hit else 'miss'}'><span class='mark'>{'✓' if hit else '✗'}"
-                         f"</span>{_e(answer.get('answer'))}{reward}</td>")
+                         f"</span>{text}{reward}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     note = (f"The first held-out examples of the {' and '.join(splits)} split, each stage's greedy answer "
             "(✓ when it matches the reference after normalisation: case, punctuation, articles).")

@@ -106,7 +106,8 @@ def test_headless_chromium_shows_the_images_the_answers_and_the_curves(run, brow
     for row, mine, theirs in zip(rows, sft, dpo):
         cells = [c.text for c in row.find_elements("css selector", "td")]
         assert cells[1:3] == [mine["question"], mine["reference"]]
-        assert cells[3].lstrip("✓✗ ") == mine["answer"] and cells[4].lstrip("✓✗ ") == theirs["answer"]
+        for cell, record in ((cells[3], mine), (cells[4], theirs)):
+            assert cell.lstrip("✓✗ ") == (record["answer"].strip() or "(empty)")
     loaded = browser.execute_script(
         "return Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)")
     assert loaded and all(loaded) and len(loaded) == len(sft)
@@ -153,7 +154,7 @@ def _hand_made_run(folder: Path) -> Path:
     (folder / "dpo").mkdir()
     (folder / "dpo" / "samples.json").write_text(json.dumps({"stage": "dpo", "type": "dpo", "split": "val", "examples": [
         {"id": "y", "image_id": "y", "images": [], "question": "Another question?", "reference": "No",
-         "answer": "Yes"}]}))
+         "answer": " "}]}))
     return folder
 
 
@@ -177,6 +178,7 @@ def test_text_is_escaped_and_images_are_embedded(tmp_path):
     rows = examples.split("<tbody>")[1].split("</tr>")[:-1]
     assert len(rows) == 2  # matched by (image, question): each stage answered a different one
     assert rows[0].endswith("<td class='absent'>—</td>") and "<td class='absent'>—</td><td class='answer miss'>" in rows[1]
+    assert rows[1].endswith("<em class='empty'>(empty)</em></td>")  # an empty answer is said, not a blank cell
     assert "■ chosen" in html and "■ rejected" in html  # one rewards chart, the shared prefix dropped
 
 
