@@ -6,7 +6,8 @@ only when that command runs.
 
     vlm-align train recipes/dpo_bookcover.yaml output_dir=outputs/run stages.1.beta=0.2
     vlm-align eval outputs/run/dpo [data.path=heldout.jsonl data.format=messages] [--out m.json]
-    vlm-align generate outputs/run/dpo --image cover.png --question "Who wrote this book?"
+    vlm-align generate outputs/run/dpo --image alignment/assets/sample_cover.png --question "Who wrote this book?"
+    vlm-align report outputs/run                                                  (rebuild report.html)
     vlm-align merge outputs/run/dpo merged/ [--dtype bf16|fp32]
     vlm-align compress outputs/run/sft [--out DIR] [--steps 200] [--lr 1e-4]      (BitDelta: a 1-bit delta)
     vlm-align eval outputs/run/sft --adapters outputs/run/sft-bitdelta,other/sft-bitdelta
@@ -148,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="training examples the distillation cycles over (default: 64)")
     compress.add_argument("--batch-size", type=int, default=8, help="examples per distillation step (default: 8)")
     compress.add_argument("--overwrite", action="store_true", help="replace DIR if it holds files")
+    report = commands.add_parser(
+        "report", help="rebuild a run's page, RUN_DIR/report.html",
+        description="Write RUN_DIR/report.html again from the run's files (report.json, recipe.yaml, each stage's "
+                    "samples): one self-contained page with the recipe, curves, metrics and held-out answers.")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir")
+    _add_output_args(report)
     return parser
 
 
@@ -206,13 +213,7 @@ def _train(args) -> int:
         return 0
     if report.get("dry_run"):
         print("dry run ok: " + json.dumps(report["stages"]))
-    else:
-        for stage in report["stages"]:
-            for split, key in (("val", "eval"), ("test", "test")):
-                metrics = {k: round(v, 4) for k, v in stage.get(key, {}).items() if isinstance(v, float) and "/" not in k}
-                if metrics:
-                    print(f"{stage['name']} [{split}]: {json.dumps(metrics)}")
-    return 0
+    return 0  # each stage printed its metrics table, and the run its summary (alignment.summary)
 
 
 COMMANDS = {  # command -> module whose `command(args)` runs it
@@ -220,6 +221,7 @@ COMMANDS = {  # command -> module whose `command(args)` runs it
     "generate": "alignment.generation.command",
     "merge": "alignment.merge",
     "compress": "alignment.compress",
+    "report": "alignment.run_page",
 }
 
 

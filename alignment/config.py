@@ -14,7 +14,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 SCHEDULES = ("cosine", "linear", "constant")
 ON_ERROR = ("error", "skip")
-REPORT_TO = ("tensorboard", "wandb", "none")
+REPORT_TO = ("tensorboard", "wandb", "trackio", "none")
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -414,7 +414,7 @@ class RecipeConfig:
     output_dir: str = "outputs/run"  # where adapters, checkpoints, logs and report.json go
     seed: int = 0  # training seed (per-rank seeds derive from it)
     resume: bool = False  # continue from the newest complete checkpoint
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb | none
+    report_to: list[str] | str = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb | trackio | none: one, or a list
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[StageConfig] = field(default_factory=list)
@@ -423,13 +423,16 @@ class RecipeConfig:
         _check(len(self.stages) > 0, "stages", "a recipe needs at least one stage")
         names = [s.name for s in self.stages]
         _check(len(set(names)) == len(names), "stages", f"stage names must be unique, got {names}")
+        if isinstance(self.report_to, str):  # `report_to: wandb` means [wandb]
+            self.report_to = [self.report_to]
         _check(set(self.report_to) <= set(REPORT_TO), "report_to", f"values must be in {REPORT_TO}, got {self.report_to}")
         _check("none" not in self.report_to or len(self.report_to) == 1, "report_to", "none cannot be combined")
-        if "wandb" in self.report_to:
-            import importlib.util
+        for tracker in ("wandb", "trackio"):
+            if tracker in self.report_to:
+                import importlib.util
 
-            _check(importlib.util.find_spec("wandb") is not None, "report_to",
-                   "wandb is not installed; pip install wandb, or use report_to: [tensorboard]")
+                _check(importlib.util.find_spec(tracker) is not None, "report_to",
+                       f"{tracker} is not installed; pip install {tracker}, or use report_to: tensorboard")
 
 
 def field_docs(cls) -> dict[str, str]:

@@ -375,6 +375,7 @@ def _run_recipe(recipe: RecipeConfig, dry_run: bool, accelerator) -> dict:
     from alignment.stages import STAGES, RunContext
     from alignment.stages import checkpoint as ckpt
     from alignment.stages.base import config_fingerprint
+    from alignment.summary import run_summary, stage_metrics_table
 
     out = Path(recipe.output_dir)
     if accelerator.is_main_process:
@@ -464,6 +465,9 @@ def _run_recipe(recipe: RecipeConfig, dry_run: bool, accelerator) -> dict:
         if accelerator.is_main_process:
             _write_json_atomic(report_path, report)
             _write_artifacts(out, recipe, report)
+            tqdm.write(stage_metrics_table(entry))
+    if accelerator.is_main_process:
+        tqdm.write(run_summary(out, report))
     return report
 
 
@@ -501,11 +505,13 @@ def _check_no_earlier_run(out: Path, recipe: RecipeConfig) -> None:
 
 
 def _write_artifacts(out: Path, recipe: RecipeConfig, report: dict) -> None:
-    """Training curves (PNG) and a short model card next to report.json."""
+    """Training curves (PNG), a short model card and the run page (report.html) next to report.json."""
     from alignment.report import write_curves, write_model_card
+    from alignment.run_page import write_run_page
 
     write_curves(out / "training_curves.png", report)
     write_model_card(out / "README.md", recipe, report)
+    write_run_page(out)
 
 
 def describe(recipe: RecipeConfig) -> str:

@@ -19,6 +19,7 @@ PANELS = (
 CURVES = tuple(key for _, keys in PANELS for key in keys)
 POLICY_TYPES = ("sft", "dpo", "ppo", "grpo")
 SAMPLES_SHOWN = 4
+SAMPLE_COVER = "alignment/assets/sample_cover.png"  # shipped with the package; the card's commands run from a clone's root
 
 
 def _panels(stage: dict) -> list[tuple[str, list[tuple[str, list, list]]]]:
@@ -158,11 +159,12 @@ def write_model_card(path: Path, recipe, report: dict) -> None:
         lines += _stage_section(stage)
     lines += ["![training curves](training_curves.png)", ""]
     lines += _data_section(recipe)
-    lines += ["## Use it", "", "```bash"]
+    lines += ["## Use it", "", "From the root of a vlm-align clone; `report.html` beside this card shows the "
+              "metrics, the curves and each stage's answers to held-out examples.", "", "```bash"]
     if target:
         lines += [f"vlm-align eval {out}/{target}                     # metrics again, on the run's eval split",
                   f"vlm-align eval {out}/{target} data.path=my.jsonl  # ... or on your own data",
-                  f"vlm-align generate {out}/{target} --image cover.png --question \"Who wrote this book?\"",
+                  f"vlm-align generate {out}/{target} --image {SAMPLE_COVER} --question \"Who wrote this book?\"",
                   f"vlm-align merge {out}/{target} {out}-merged --dtype bf16  # plain transformers checkpoint"]
     lines += [f"tensorboard --logdir {out}/runs", "```", "",
               "## Reproduce", "",

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from alignment.config import ConfigError
+from alignment.errors import ConfigError
 
 PAIR_TASK_TYPES = ("dpo", "reward")  # stages whose training examples are preference pairs
 

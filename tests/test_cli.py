@@ -10,7 +10,7 @@ from alignment.cli import main
 from alignment.recipe import load_recipe
 from tests._cli_run import held_out, tiny_run
 
-COMMANDS = ("train", "eval", "generate", "merge")
+COMMANDS = ("train", "eval", "generate", "merge", "compress", "report")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
@@ -177,7 +177,7 @@ def test_report_to_is_checked_and_honoured(tmp_path):
 
     from alignment.config import ConfigError
     from alignment.recipe import recipe_from_dict
-    from alignment.stages.base import _writer
+    from alignment.stages.trackers import open_trackers as _writer
 
     assert recipe_from_dict({"stages": [{"type": "sft"}]}).report_to == ["tensorboard"]
     with pytest.raises(ConfigError, match="report_to"):
@@ -396,3 +396,21 @@ def test_compress_and_adapters_errors_are_one_line(run, compressed, tmp_path, ca
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, (argv, err)
+
+
+def test_report_rebuilds_the_run_page(run, capsys):
+    page = run / "report.html"
+    before = page.read_text()
+    page.unlink()
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {page}" and page.read_text() == before
+    assert main(["report", str(run / "sft")]) == 2
+    assert "has no report.json" in capsys.readouterr().err
+
+
+def test_adapters_are_written_with_the_mode_of_every_other_file(run):
+    """safetensors creates 0600 files; a run's adapters follow the umask like report.json beside them."""
+    mode = (run / "report.json").stat().st_mode & 0o777
+    weights = sorted(run.glob("*/adapter_model.safetensors")) + sorted(run.glob("*/checkpoints/*/**/*.safetensors"))
+    assert weights and {w.stat().st_mode & 0o777 for w in weights} == {mode}, [(str(w), oct(w.stat().st_mode)) for w in weights]

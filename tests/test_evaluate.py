@@ -1,11 +1,17 @@
 """Metrics of alignment.evaluate: answer normalisation, exact match, preference accuracy breakdown."""
 
+import io
 import random
+import sys
+
+import pytest
+import torch
 
 from alignment.data.transforms import verbose_answer
 from alignment.evaluate import (
     answer_metrics,
     exact_match,
+    generate_answers,
     normalize_answer,
     preference_metrics,
     rejection_type,
@@ -38,3 +44,36 @@ def test_preference_metrics_break_accuracy_down():
     metrics = preference_metrics(pairs, [1.0, 2.0, 0.0, 3.0], [0.0, 1.0, 0.5, 3.0], name="acc")
     assert metrics == {"acc": 0.5, "acc/verbose": 0.5, "acc/wrong": 0.5,
                        "acc/kind/genre": 0.0, "acc/kind/yesno": 1.0}  # ties count as losses
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+class _EchoPolicy:
+    """Answers each prompt with its question (no model): enough to drive `generate_answers`' loop."""
+
+    device = torch.device("cpu")
+
+    def generate(self, batch, max_new_tokens, temperature):
+        return batch["questions"]
+
+    def decode(self, tokens):
+        return list(tokens)
+
+
+def _prompts(examples):
+    return {"questions": [e["question"] for e in examples], "answers": [e["answer"] for e in examples],
+            "kinds": [e["kind"] for e in examples]}
+
+
+@pytest.mark.parametrize("terminal, rank, shown", [(True, "0", True), (False, "0", False), (True, "1", False)])
+def test_generation_shows_a_progress_bar_on_the_main_process_in_a_terminal(terminal, rank, shown, monkeypatch):
+    examples = [{"question": f"q{i}", "answer": f"a{i}", "kind": "other"} for i in range(5)]
+    stderr = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    monkeypatch.setenv("RANK", rank)
+    predictions, references, kinds = generate_answers(_EchoPolicy(), examples, _prompts, batch_size=2)
+    assert predictions == [f"q{i}" for i in range(5)] and references == [f"a{i}" for i in range(5)]
+    assert ("answering:" in stderr.getvalue() and "/5 [" in stderr.getvalue()) == shown  # a bar over the 5 answers

@@ -112,3 +112,29 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
     (root / "step-000004" / "state.json").write_text("{truncated")  # size no longer matches
     (root / "step-000006").mkdir()  # no manifest: a write that never finished
     assert ckpt.latest_checkpoint(root) == root / "step-000002"
+
+
+def test_a_stages_evaluation_is_logged_beside_its_training_scalars(tmp_path):
+    """`Stage.run` writes the val and test metrics to the stage's TensorBoard folder at its last step
+    (`<stage>/eval/<metric>`, `<stage>/test/<metric>`); an absent (None) metric writes nothing."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests._toy_stage import ToyStage, toy_stage
+
+    class Evaluated(ToyStage):
+        def evaluate(self):  # val has 2 examples, test 1: different numbers per split
+            return {"exact_match": len(self.eval_examples) / 4, "loss": None, "samples": []}
+
+    toy = toy_stage(tmp_path, max_steps=3, log_every=1)
+    stage = Evaluated(toy.config, toy.policy, toy.ctx, toy.train_examples, [{"id": "v1"}, {"id": "v2"}],
+                      test_examples=[{"id": "t1"}])
+    entry = stage.run()
+    assert entry["eval"]["exact_match"] == 0.5 and entry["test"]["exact_match"] == 0.25
+    events = EventAccumulator(str(tmp_path / "runs" / "toy"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"toy/loss", "toy/eval/exact_match", "toy/test/exact_match"} <= set(tags)
+    assert not [t for t in tags if t.endswith("/loss") and t != "toy/loss"]  # None is not logged as a number
+    assert [(e.step, e.value) for e in events.Scalars("toy/eval/exact_match")] == [(3, 0.5)]
+    assert [(e.step, e.value) for e in events.Scalars("toy/test/exact_match")] == [(3, 0.25)]
+    assert len(list((tmp_path / "runs" / "toy").glob("events.out.tfevents.*"))) == 1  # one writer for the stage

@@ -82,11 +82,11 @@ class OwnAdapters(nn.Module):
             self.active = previous
 
     def save(self, name: str, folder: Path) -> None:
-        from safetensors.torch import save_file
+        from alignment.files import save_safetensors
 
         config = {"peft_type": self.peft_type, "method": self.method, **self.configs[name]}
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_of(name).items()}, str(folder / WEIGHTS_FILE))
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in self.state_of(name).items()}, folder / WEIGHTS_FILE)
 
 
 def read_config(folder: Path) -> dict:

@@ -134,3 +134,14 @@ def blank_cover(image_size: int | tuple[int, int] = 112) -> Image.Image:
     """A neutral gray RGB image, ``image_size`` square or (width, height): the image-blind control."""
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     return Image.new("RGB", size, BLANK_GRAY)
+
+
+SAMPLE_COVER = ("The Blue Door", "Laura Chen", "Travel")  # title, author, genre of the shipped example cover
+
+
+def render_sample_cover() -> Image.Image:
+    """The example cover shipped as alignment/assets/sample_cover.png (224 px; "Who wrote this book?" ->
+    Laura Chen), for the model card's and README's `vlm-align generate` examples. Regenerate it with
+    `render_sample_cover().save("alignment/assets/sample_cover.png", optimize=True)`."""
+    title, author, genre = SAMPLE_COVER
+    return render_cover(title, author, genre, random.Random(0), 224)

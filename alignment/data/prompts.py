@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from alignment.config import ConfigError
 from alignment.data.catalog import DEFAULT_INSTRUCTION
+from alignment.errors import ConfigError
 
 BEGIN_OF_TEXT = "<|begin_of_text|>"
 START_HEADER = "<|start_header_id|>"

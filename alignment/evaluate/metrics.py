@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import string
 
 import torch
+from tqdm.auto import tqdm
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -37,18 +39,30 @@ def answer_metrics(predictions: list[str], references: list[str], kinds: list[st
     return metrics
 
 
+def _is_main_process() -> bool:
+    """Rank 0 of a launch (`RANK`, set by torchrun / accelerate launch), or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @torch.no_grad()
 def generate_answers(policy, examples: list[dict], collate_prompts, batch_size: int = 32,
-                     max_new_tokens: int = 24) -> tuple[list[str], list[str], list[str]]:
-    """Greedy answers for `examples` -> (predictions, reference answers, question kinds)."""
+                     max_new_tokens: int = 24, desc: str = "answering") -> tuple[list[str], list[str], list[str]]:
+    """Greedy answers for `examples` -> (predictions, reference answers, question kinds). A progress
+    bar counts the answers on the main process when stderr is a terminal."""
     predictions, references, kinds = [], [], []
-    for start in range(0, len(examples), batch_size):
-        batch = collate_prompts(examples[start : start + batch_size])
-        batch = {k: v.to(policy.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        tokens = policy.generate(batch, max_new_tokens=max_new_tokens, temperature=0.0)
-        predictions += policy.decode(tokens)
-        references += batch["answers"]
-        kinds += batch["kinds"]
+    bar = tqdm(total=len(examples), desc=desc, unit="answer", leave=False, dynamic_ncols=True,
+               disable=None if _is_main_process() else True)  # None: off when not a terminal
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = collate_prompts(examples[start : start + batch_size])
+            batch = {k: v.to(policy.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            tokens = policy.generate(batch, max_new_tokens=max_new_tokens, temperature=0.0)
+            predictions += policy.decode(tokens)
+            references += batch["answers"]
+            kinds += batch["kinds"]
+            bar.update(len(batch["answers"]))
+    finally:
+        bar.close()
     return predictions, references, kinds
 
 

@@ -183,7 +183,7 @@ def read_chat_template(path: str) -> str:
     file = Path(path).expanduser()
     text = file.read_text(encoding="utf-8")
     if file.suffix == ".json":
-        from alignment.config import ConfigError
+        from alignment.errors import ConfigError
 
         template = json.loads(text).get("chat_template") if text.strip().startswith("{") else None
         if not isinstance(template, str):

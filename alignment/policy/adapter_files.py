@@ -21,6 +21,7 @@ from torch import nn
 from alignment.adapters.base import read_config
 from alignment.adapters.menu import method_of_peft_type
 from alignment.adapters.spec import LoraSpec
+from alignment.files import save_safetensors
 from alignment.policy.roles import PEFT_TYPES
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -49,9 +50,8 @@ def saved_method(folder: str | Path) -> str:
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    """Tensors to a safetensors file with the mode of every other file of the run (`alignment.files`)."""
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
 
 
 class AdapterFiles:

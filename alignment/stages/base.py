@@ -33,8 +33,16 @@ from tqdm.auto import tqdm
 from alignment.config import StageConfig
 from alignment.errors import ConfigError
 from alignment.optimizers import LOMO, MeZO, build_optimizer, set_torch_rng_state, step_seed, torch_rng_state
+from alignment.samples import write_stage_samples
 from alignment.stages import checkpoint as ckpt
-from alignment.stages.engine import StepEngine, distributed_facts, engine_kind, zero3_gathered
+from alignment.stages.engine import (
+    StepEngine,
+    all_sum,
+    distributed_facts,
+    engine_kind,
+    mean_over_processes,
+    zero3_gathered,
+)
 from alignment.stages.interrupt import (
     EXIT_CODES,
     Interrupted,
@@ -45,6 +53,7 @@ from alignment.stages.interrupt import (
 )
 from alignment.stages.schedule import lr_at
 from alignment.stages.stream import ExampleStream
+from alignment.stages.trackers import log_eval_scalars, open_trackers
 
 # Stages whose loss compares against `policy.reference()`: under full fine-tuning without a frozen
 # `reference` set, that is the weights the stage starts from, which the loop then keeps a copy of.
@@ -104,6 +113,7 @@ class Stage:
         self.nonfinite_steps = 0
         self._stop = StopRequest(f"[{config.name}] ")  # SIGINT / SIGTERM in the loop: stop after this step
         self.engine: StepEngine | None = None  # set by `train`: DDP / DeepSpeed / one process
+        self.writer = None  # scalars (TensorBoard, ...) on the main process, open while `run` runs
 
     # ---- hooks -----------------------------------------------------------------
     def setup(self, previous_adapter: Path | None) -> None:
@@ -177,7 +187,18 @@ class Stage:
 
     # ---- the loop --------------------------------------------------------------
     def run(self, previous_adapter: Path | None = None) -> dict:
-        """Set up, train (resuming if asked), save the adapter, evaluate; returns the report entry."""
+        """Set up, train (resuming if asked), save the adapter, evaluate; returns the report entry.
+        One scalar writer (TensorBoard, ...) serves the training steps and the evaluation's metrics."""
+        self.writer = open_trackers(self.ctx.output_dir / "runs" / self.config.name, self.ctx.report_to,
+                              self.ctx.recipe_name) if self.ctx.is_main else None
+        try:
+            return self._run(previous_adapter)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+            self.writer = None
+
+    def _run(self, previous_adapter: Path | None) -> dict:
         start = time.time()
         with zero3_gathered(getattr(self.policy, "adapter_parameters", list)(), modifier_rank=0):
             self.setup(previous_adapter)  # ZeRO-3 (a later stage): the adapters it copies or loads whole
@@ -194,6 +215,10 @@ class Stage:
             with torch.no_grad():  # no held-out examples: no metrics (absent, never 0.0)
                 metrics = self.evaluate() if self.eval_examples and measured else None
                 test = self.evaluate_on(self.test_examples) if self.test_examples and measured else None
+            if self.ctx.is_main:  # the first answers with their images, for the run page (no generation)
+                write_stage_samples(self.dir, self.config.name, self.type, metrics, test,
+                                    self.eval_examples, self.test_examples)
+                log_eval_scalars(self.writer, self.config.name, steps, metrics, test)
         for model in self.trained_models():  # full fine-tuning: the next stage starts from these weights
             if _full_sets(model) is not None:
                 _full_sets(model).drop_start()
@@ -264,6 +289,7 @@ class Stage:
         bf16 = getattr(ctx.accelerator, "mixed_precision", "no") == "bf16"
         optimizer = self._optimizer(params)
         writer = bar = None
+        own_writer = False
         signals = ExitStack()
         try:
             self.engine = StepEngine(ctx.accelerator, self.trained_models(), params, optimizer,
@@ -272,7 +298,9 @@ class Stage:
             step = self._resume_optimizer(folder, optimizer) if folder is not None else 0
             self.stream = stream  # before_training may replay the batches to come (DPO's reference pass)
             self.before_training()
-            writer = _writer(ctx.output_dir / "runs" / cfg.name, ctx.report_to, ctx.recipe_name) if ctx.is_main else None
+            own_writer = self.writer is None  # `run` opens one for training and evaluation; `train` alone, its own
+            writer = self.writer if not own_writer else (
+                open_trackers(ctx.output_dir / "runs" / cfg.name, ctx.report_to, ctx.recipe_name) if ctx.is_main else None)
             bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.name, disable=not ctx.is_main, dynamic_ncols=True)
             signals.enter_context(handling(self._stop))  # Ctrl-C / SIGTERM: stop after the step under way
             for model in self.trained_models():
@@ -304,7 +332,7 @@ class Stage:
                 optimizer.close()  # the parameters outlive the stage: they must stop updating in backward
             if bar is not None:
                 bar.close()
-            if writer is not None:
+            if writer is not None and own_writer:
                 writer.close()
             signals.close()
         return step
@@ -314,7 +342,7 @@ class Stage:
         (a launcher relays a Ctrl-C to its workers as SIGTERM)."""
         seen = self._stop.signum
         flags = torch.tensor([float(seen == signal.SIGINT), float(seen == signal.SIGTERM)])
-        interrupt, terminate = _all_sum(flags, self.ctx).tolist()
+        interrupt, terminate = all_sum(flags, self.ctx).tolist()
         return int(signal.SIGINT) if interrupt else int(signal.SIGTERM) if terminate else 0
 
     def _optimizer_step(self, optimizer, params, stream: ExampleStream, step: int) -> dict:
@@ -324,7 +352,7 @@ class Stage:
         lr = optimizer.param_groups[0]["lr"]
         batches = self.next_micro_batches(stream)
         ids = [i for b in batches for i in (b.get("ids", []) if isinstance(b, dict) else getattr(b, "ids", []))]
-        total = _all_sum(torch.tensor(float(sum(self.count(b) for b in batches))), ctx)
+        total = all_sum(torch.tensor(float(sum(self.count(b) for b in batches))), ctx)
         if total.item() == 0:  # e.g. every label masked: nothing to learn from, and Adam's momentum must not move
             tqdm.write(f"[{cfg.name}] step {step + 1}: no counted tokens or pairs in the batch; step skipped")
             return {"skipped_empty": 1, "lr": lr, "ids": ids}
@@ -340,7 +368,7 @@ class Stage:
         else:  # (LOMO without clipping checks the step's gradient, then updates the parameters, in here)
             loss_total, sums = self._forward_backward(batches, total)
             grad_norm = engine.grad_norm_and_clip()  # None under DeepSpeed: it clips inside its step
-        loss = (_all_sum(loss_total, ctx) / total.clamp(min=1)).item()
+        loss = (all_sum(loss_total, ctx) / total.clamp(min=1)).item()
         if not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))):
             engine.discard_gradients()
             return {**self._skip_nonfinite(step, loss, grad_norm), "lr": lr, "ids": ids}
@@ -351,7 +379,7 @@ class Stage:
         engine_norm = engine.step()
         grad_norm = engine_norm if grad_norm is None else grad_norm
         self.nonfinite_steps = 0
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, **_mean_over_processes(sums, ctx), "ids": ids}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, **mean_over_processes(sums, ctx), "ids": ids}
 
     def _forward_backward(self, batches: list, total: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Forward and backward of one step's micro-batches, each loss divided by the step's `total`
@@ -559,59 +587,6 @@ def config_fingerprint(config: StageConfig) -> dict:
     if config.optimizer == "adamw":
         skip.add("optimizer")
     return {k: v for k, v in asdict(config).items() if k not in skip}
-
-
-class _Writers:
-    """Scalars to every backend of `report_to`: TensorBoard under `folder`, wandb (optional)."""
-
-    def __init__(self, folder: Path, report_to, run_name: str):
-        self.tensorboard = self.wandb = None
-        if "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(folder))
-        if "wandb" in report_to:
-            import wandb
-
-            self.wandb = wandb.init(project="vlm-align", name=f"{run_name}/{folder.name}", dir=str(folder.parent),
-                                    reinit=True)
-
-    def add_scalar(self, key: str, value: float, step: int) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.add_scalar(key, value, step)
-        if self.wandb is not None:
-            self.wandb.log({key: value}, step=step)
-
-    def flush(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.flush()
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _writer(folder: Path, report_to=("tensorboard",), run_name: str = "run"):
-    return _Writers(folder, report_to, run_name) if set(report_to) - {"none"} else None
-
-
-def _all_sum(value: torch.Tensor, ctx: RunContext) -> torch.Tensor:
-    """`value` summed over processes (float32, on the CPU)."""
-    if ctx.world_size == 1:
-        return value
-    return ctx.accelerator.reduce(value.to(ctx.accelerator.device).float().clone(), reduction="sum").cpu()
-
-
-def _mean_over_processes(metrics: dict, ctx: RunContext) -> dict:
-    """A step's logged metrics (each process's means over its micro-batches) averaged over processes,
-    so the log is not rank 0's share alone. Every process has the same keys (the same `train_step`)."""
-    keys = [k for k in sorted(metrics) if isinstance(metrics[k], (int, float))]
-    if ctx.world_size == 1 or not keys:
-        return metrics
-    totals = _all_sum(torch.tensor([float(metrics[k]) for k in keys]), ctx)
-    return {**metrics, **{k: v / ctx.world_size for k, v in zip(keys, totals.tolist())}}
 
 
 def _optimizer_file(engine: StepEngine, rank: int) -> str:

@@ -280,3 +280,20 @@ def _tensor_bytes(value) -> int:
     if isinstance(value, (list, tuple)):
         return sum(_tensor_bytes(v) for v in value)
     return 0
+
+
+def all_sum(value: torch.Tensor, ctx) -> torch.Tensor:
+    """`value` summed over the run's processes (`ctx`: a `RunContext`), float32, on the CPU."""
+    if ctx.world_size == 1:
+        return value
+    return ctx.accelerator.reduce(value.to(ctx.accelerator.device).float().clone(), reduction="sum").cpu()
+
+
+def mean_over_processes(metrics: dict, ctx) -> dict:
+    """A step's logged metrics (each process's means over its micro-batches) averaged over processes,
+    so the log is not rank 0's share alone. Every process has the same keys (the same `train_step`)."""
+    keys = [k for k in sorted(metrics) if isinstance(metrics[k], (int, float))]
+    if ctx.world_size == 1 or not keys:
+        return metrics
+    totals = all_sum(torch.tensor([float(metrics[k]) for k in keys]), ctx)
+    return {**metrics, **{k: v / ctx.world_size for k, v in zip(keys, totals.tolist())}}

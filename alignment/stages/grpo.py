@@ -24,8 +24,8 @@ import torch
 from alignment.evaluate import answer_metrics
 from alignment.losses import group_advantages, grpo_loss_sum, masked_sum
 from alignment.rewards import REWARD_MODEL, call_reward, resolve
-from alignment.stages.base import _all_sum
 from alignment.stages.common import lora_spec
+from alignment.stages.engine import all_sum
 from alignment.stages.online import OnlineStage, rows_of, shown_samples
 from alignment.stages.reward import load_or_add_adapter, only_train
 from alignment.stages.rollout import Rollout, cat_rollouts
@@ -143,7 +143,7 @@ class GRPOStage(OnlineStage):
                 # Every process samples as many rounds as the one that needs most: under ZeRO-3 each
                 # generation step gathers parameters with all processes.
                 short = torch.tensor(float(len(informative) < wanted))
-                if _all_sum(short, ctx).item() == 0:
+                if all_sum(short, ctx).item() == 0:
                     break
         chosen = (informative + flat)[:wanted]  # flat groups only fill what the rounds could not
         rollout = cat_rollouts([part.select(_group_rows(group, cfg.num_generations)) for part, group in chosen],
@@ -168,7 +168,7 @@ class GRPOStage(OnlineStage):
             torch.tensor(float(sampled)), kl.double().cpu(), torch.tensor(float(answers)),
             *[v.sum() for v in term_sums], *[(v ** 2).sum() for v in term_sums],
         ]).double()
-        totals = _all_sum(sums, self.ctx).double().tolist()
+        totals = all_sum(sums, self.ctx).double().tolist()
         score_sum, score_sq, length_sum, rows, informative_sum, sampled_sum, kl_sum, answer_sum = totals[:8]
         stats = {
             "score": score_sum / rows,

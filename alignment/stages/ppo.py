@@ -37,8 +37,8 @@ from alignment.losses import (
     ppo_policy_loss_sum,
     ppo_value_loss_sum,
 )
-from alignment.stages.base import _all_sum
 from alignment.stages.common import lora_spec
+from alignment.stages.engine import all_sum
 from alignment.stages.online import OnlineStage, rows_of, shown_samples
 from alignment.stages.reward import load_or_add_adapter, only_train
 from alignment.stages.rollout import Rollout, cat_rollouts
@@ -153,7 +153,7 @@ class PPOStage(OnlineStage):
             rollout.scores.sum(), (rollout.scores ** 2).sum(), kl_rows.sum(), lengths.sum(),
             rollout.rewards.sum(), torch.tensor(float(rollout.size), device=mask.device),
         ]).double().cpu()
-        score_sum, score_sq, kl_sum, length_sum, reward_sum, rows = _all_sum(sums, self.ctx).tolist()
+        score_sum, score_sq, kl_sum, length_sum, reward_sum, rows = all_sum(sums, self.ctx).tolist()
         returns_var = masked_var(rollout.returns, mask)
         return {
             "score": score_sum / rows,
@@ -260,7 +260,7 @@ def _whiten(x: torch.Tensor, mask: torch.Tensor, ctx) -> torch.Tensor:
     if ctx.world_size == 1:
         return masked_whiten(x, mask)
     kept = torch.where(mask.bool(), x, torch.zeros_like(x)).double()
-    stats = _all_sum(torch.stack([kept.sum(), (kept ** 2).sum(), mask.double().sum()]).cpu(), ctx).double()
+    stats = all_sum(torch.stack([kept.sum(), (kept ** 2).sum(), mask.double().sum()]).cpu(), ctx).double()
     total, squares, count = stats.tolist()
     mean = total / max(count, 1.0)
     var = max(0.0, squares / max(count, 1.0) - mean ** 2) * count / max(count - 1, 1.0)
