@@ -7,7 +7,6 @@ one call that makes the noise, so nothing is silenced globally and a warning rai
 from __future__ import annotations
 
 import os
-import warnings
 from contextlib import contextmanager
 
 VERBOSE_ENV = "VLM_ALIGN_VERBOSE"
@@ -30,13 +29,3 @@ def without_library_progress_bars():
         yield
     finally:
         logging.enable_progress_bar()
-
-
-@contextmanager
-def ignoring(*messages: str, category: type[Warning] = Warning):
-    """Warnings whose text starts with one of `messages` hidden inside the block (all shown when verbose)."""
-    with warnings.catch_warnings():
-        if not verbose():
-            for message in messages:
-                warnings.filterwarnings("ignore", message=message, category=category)
-        yield
