@@ -1,6 +1,6 @@
 """A quiet terminal: our lines and our progress bars; the libraries' known-harmless noise hidden where it arises.
 
-`VERBOSE` (environment `VLM_ALIGN_VERBOSE=1`, set by `--verbose`) shows everything. Each context here wraps the
+`verbose()` (environment `VLM_ALIGN_VERBOSE=1`, set by `--verbose`) shows everything. Each context here wraps the
 one call that makes the noise, so nothing is silenced globally and a warning raised anywhere else still shows.
 """
 

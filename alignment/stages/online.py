@@ -205,9 +205,16 @@ class OnlineStage(Stage):
         return to_device(collate_prompts(examples, self.policy.processor, **self.ctx.prompt_kwargs), self.policy.device)
 
     def _prompt_batches(self, examples: list[dict]):
-        """`examples` collated as prompts, `eval_batch_size` at a time (held-out evaluation)."""
-        for start in range(0, len(examples), self.config.eval_batch_size):
-            yield self.collate(examples[start : start + self.config.eval_batch_size])
+        """`examples` collated as prompts, `eval_batch_size` at a time (held-out evaluation), with a progress bar
+        of the answers on the main process when stderr is a terminal."""
+        from tqdm.auto import tqdm
+
+        size = self.config.eval_batch_size
+        with tqdm(total=len(examples), desc=f"{self.config.name} answering", unit="answer", leave=False,
+                  dynamic_ncols=True, disable=None if self.ctx.is_main else True) as bar:
+            for start in range(0, len(examples), size):
+                yield self.collate(examples[start : start + size])
+                bar.update(min(size, len(examples) - start))
 
     # ---- evaluation ------------------------------------------------------------
     def answer_eval(self, name: str) -> dict:
