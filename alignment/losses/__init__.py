@@ -1,10 +1,19 @@
-"""Loss math for SFT, reward modelling, DPO, PPO and GRPO: plain tensors in, tensors out; torch only.
+"""Loss math for SFT, reward modelling, DPO (and its variants), PPO and GRPO: plain tensors in, tensors out; torch only.
 
 Shapes: B batch, T tokens, V vocabulary. ``mask`` is 1 on the tokens that count, 0 elsewhere.
 Log-probs are natural log.
 """
 
-from .dpo import DPO_LOSS_TYPES, dpo_loss, dpo_sigmoid_loss, hinge_loss, ipo_loss, rpo_nll
+from .dpo import (
+    DPO_LOSS_TYPES,
+    apo_down_loss,
+    apo_zero_loss,
+    dpo_loss,
+    dpo_sigmoid_loss,
+    hinge_loss,
+    ipo_loss,
+    rpo_nll,
+)
 from .grpo import (
     GROUP_ADVANTAGES,
     IMPORTANCE_SAMPLING,
@@ -35,6 +44,8 @@ __all__ = [
     "LOSS_AGGREGATIONS",
     "AdaptiveKLController",
     "FixedKLController",
+    "apo_down_loss",
+    "apo_zero_loss",
     "bradley_terry_loss",
     "dpo_loss",
     "dpo_sigmoid_loss",
