@@ -155,7 +155,8 @@ def test_apo_gradient_directions(pc, pr, rc, rr, beta):
     for loss_type in ("apo_zero", "apo_down"):
         c = torch.tensor([pc], dtype=torch.float64, requires_grad=True)
         r = torch.tensor([pr], dtype=torch.float64, requires_grad=True)
-        losses, _, _ = dpo_loss(c, r, torch.tensor([rc]), torch.tensor([rr]), beta, loss_type)
+        ref_c, ref_r = torch.tensor([rc], dtype=torch.float64), torch.tensor([rr], dtype=torch.float64)
+        losses, _, _ = dpo_loss(c, r, ref_c, ref_r, beta, loss_type)
         losses.sum().backward()
         slope[loss_type] = c.grad.item(), r.grad.item()
     d_sigmoid = lambda x: _sigmoid(x) * (1 - _sigmoid(x))  # noqa: E731

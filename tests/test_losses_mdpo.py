@@ -101,9 +101,8 @@ def test_gradients(pc, pr, rc, rr, pcc, rcc, beta):
     term alone: β σ(-β h) with h that term's margin."""
     tensors = [torch.tensor([v], dtype=torch.float64, requires_grad=True) for v in (pc, pr, pcc)]
     chosen, rejected, corrupt = tensors
-    losses, _ = mdpo_loss(
-        chosen, rejected, torch.tensor([rc]), torch.tensor([rr]), corrupt, torch.tensor([rcc]), beta
-    )
+    ref_chosen, ref_rejected, ref_corrupt = (torch.tensor([v], dtype=torch.float64) for v in (rc, rr, rcc))
+    losses, _ = mdpo_loss(chosen, rejected, ref_chosen, ref_rejected, corrupt, ref_corrupt, beta)
     losses.sum().backward()
     assert chosen.grad.item() < 0 < rejected.grad.item() and corrupt.grad.item() > 0
     sigmoid = lambda x: 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))  # noqa: E731
