@@ -1,12 +1,17 @@
-"""Direct Preference Optimization losses (Rafailov et al. 2023) and the IPO / hinge variants.
+"""Direct Preference Optimization losses (Rafailov et al. 2023) and the IPO / hinge / APO variants.
 
 All log-probs are per-sequence sums ``[B]`` (natural log) of the completion tokens, e.g.
-``sequence_logprobs(...)[1]``. The variants share one input, the log-ratio margin
+``sequence_logprobs(...)[1]``. With the log-ratios ``Δc = log pi(y_c) - log ref(y_c)`` and
+``Δr = log pi(y_r) - log ref(y_r)`` ``[B]``, sigmoid, IPO and hinge are functions of the margin
 
-    h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))      [B]
+    h = Δc - Δr                                                            [B]
 
-and are separate functions chosen by ``DPO_LOSS_TYPES``.
+alone; APO's two forms (anchored preference optimisation) also look at Δc and Δr on their own.
+Each variant is a separate function; ``DPO_LOSS_TYPES`` maps a ``loss_type`` to it, in the one
+signature ``(chosen_logratios, rejected_logratios, beta, label_smoothing) -> losses [B]``.
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +48,56 @@ def hinge_loss(logits: torch.Tensor, beta: float, label_smoothing: float = 0.0) 
     return torch.relu(1.0 - beta * logits)
 
 
-DPO_LOSS_TYPES = {"sigmoid": dpo_sigmoid_loss, "ipo": ipo_loss, "hinge": hinge_loss}
+def apo_zero_loss(
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """APO-zero (D'Oosterlinck et al. 2024, eq. 7): ``(1 - σ(β Δc)) + σ(β Δr)`` per pair, ``[B]`` -> ``[B]``.
+
+    Raises the chosen answers' likelihood and lowers the rejected ones', each against the
+    reference (anchored at 0) rather than only their difference: for data whose chosen answers are
+    better than what the model says now. Equals 1 when Δc = Δr = 0; lies in (0, 2).
+    """
+    _no_smoothing("apo_zero", label_smoothing)
+    return torch.sigmoid(-beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
+
+
+def apo_down_loss(
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """APO-down (D'Oosterlinck et al. 2024, eq. 8): ``σ(β Δc) + (1 - σ(β (Δc - Δr)))``, ``[B]`` -> ``[B]``.
+
+    Lowers the chosen answers' likelihood and the rejected ones' more: for data whose chosen
+    answers are worse than what the model says now. Equals 1 when Δc = Δr = 0; lies in (0, 2).
+    """
+    _no_smoothing("apo_down", label_smoothing)
+    margin = chosen_logratios - rejected_logratios
+    return torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(-beta * margin)
+
+
+def _of_margin(loss_of_margin):
+    """``loss_of_margin(h, beta, eps)`` as a loss of ``(Δc, Δr, beta, eps)``, for the table;
+    ``__wrapped__`` is the original."""
+
+    @functools.wraps(loss_of_margin)
+    def loss(chosen_logratios, rejected_logratios, beta, label_smoothing=0.0):
+        return loss_of_margin(chosen_logratios - rejected_logratios, beta, label_smoothing)
+
+    return loss
+
+
+DPO_LOSS_TYPES = {
+    "sigmoid": _of_margin(dpo_sigmoid_loss),
+    "ipo": _of_margin(ipo_loss),
+    "hinge": _of_margin(hinge_loss),
+    "apo_zero": apo_zero_loss,
+    "apo_down": apo_down_loss,
+}
 
 
 def dpo_loss(
@@ -61,7 +115,8 @@ def dpo_loss(
         policy_*_logps, ref_*_logps: ``[B]`` summed completion log-probs under the policy and the
             frozen reference.
         beta: strength of the implicit KL penalty to the reference.
-        loss_type: a key of ``DPO_LOSS_TYPES`` (``sigmoid``, ``ipo``, ``hinge``).
+        loss_type: a key of ``DPO_LOSS_TYPES`` (``sigmoid``, ``ipo``, ``hinge``, ``apo_zero``,
+            ``apo_down``).
         label_smoothing: eps of conservative DPO (``sigmoid`` only).
 
     Returns:
@@ -72,7 +127,7 @@ def dpo_loss(
         raise ValueError(f"Unknown DPO loss_type {loss_type!r}; valid: {sorted(DPO_LOSS_TYPES)}")
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    losses = DPO_LOSS_TYPES[loss_type](chosen_logratios - rejected_logratios, beta, label_smoothing)
+    losses = DPO_LOSS_TYPES[loss_type](chosen_logratios, rejected_logratios, beta, label_smoothing)
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
