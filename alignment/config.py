@@ -205,7 +205,7 @@ class DPOConfig(StageConfig):
     type: str = "dpo"
     lr: float = 5e-4
     beta: float = 0.1  # strength of the implicit KL to the reference
-    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | apo_zero | apo_down (APO: anchored to the reference)
     label_smoothing: float = 0.0  # conservative DPO's epsilon (sigmoid only)
     rpo_alpha: float = 0.0  # weight of the chosen answers' per-token NLL added to the loss (RPO; 0: plain DPO)
     precompute_ref_logprobs: bool = False  # one reference pass before training (over the batches training will see)
