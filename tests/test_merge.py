@@ -166,3 +166,33 @@ def test_a_full_fine_tune_merges_to_its_own_weights(tmp_path):
     merged = dict(AutoModelForImageTextToText.from_pretrained(out).named_parameters())
     name = next(n for n, p in policy.base_model.named_parameters() if p is trained)
     torch.testing.assert_close(merged[name], trained.detach(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("standin", ["standin-llava", "standin-mllama"])
+def test_the_merged_card_snippet_answers_like_generate_on_a_real_geometry_standin(standin, tmp_path, capsys):
+    """The same on a stand-in of real geometry (real vocabulary, chat template, image placeholders and stop ids;
+    LLaVA: 576 image tokens; Mllama: 560-px tiles): a stage folder holding a LoRA whose B is random (so the
+    merge changes the weights), merged, then the card's snippet against `vlm-align generate`."""
+    from alignment.merge import sample_cover
+    from alignment.policy import LoraSpec
+    from alignment.recipe import recipe_from_dict, save_recipe
+
+    run = tmp_path / "run"
+    run.mkdir()
+    recipe = recipe_from_dict({"output_dir": str(run), "model": {"name": standin, "quantization": "none"},
+                               "stages": [{"type": "sft", "max_new_tokens": 5}]})
+    save_recipe(recipe, run / "recipe.yaml")
+    policy = load_base(recipe, "cpu")
+    policy.add_adapter("policy", LoraSpec(r=4, preset="language"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in policy.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    policy.save_adapter("policy", run / "sft")
+    del policy
+    out = tmp_path / "merged"
+    assert main(["merge", str(run / "sft"), str(out), "--dtype", "fp32"]) == 0
+    plain = _run_snippet(_card_snippet(out), capsys)
+    assert main(["generate", str(run / "sft"), "--image", str(sample_cover()), "--question", "Who wrote this book?"]) == 0
+    assert plain == capsys.readouterr().out.strip()
