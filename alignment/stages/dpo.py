@@ -15,9 +15,9 @@ made only of them loads none and runs no reference pass.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
