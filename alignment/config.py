@@ -200,12 +200,14 @@ class SFTConfig(StageConfig):
 
 @dataclass
 class DPOConfig(StageConfig):
-    """Direct preference optimisation against a frozen reference."""
+    """Direct preference optimisation against a frozen reference (or, for orpo, simpo, cpo, none)."""
 
     type: str = "dpo"
     lr: float = 5e-4
-    beta: float = 0.1  # strength of the implicit KL to the reference
-    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | apo_zero | apo_down (APO: anchored to the reference)
+    beta: float = 0.1  # strength of the implicit KL to the reference; every loss_type's beta (simpo: 2.0 recommended)
+    loss_type: str | list[str] = "sigmoid"  # sigmoid | ipo | hinge | apo_zero | apo_down | bco_pair (reference); orpo | simpo | cpo | sft (reference-free); or a list, e.g. [sigmoid, bco_pair, sft] (MPO)
+    loss_weights: list[float] | None = None  # with a list loss_type: one weight per loss (MPO: [0.8, 0.2, 1.0]); None: all 1
+    simpo_gamma: float = 0.5  # simpo: the target reward margin gamma (simpo wants beta about 2.0, not DPO's 0.1)
     label_smoothing: float = 0.0  # conservative DPO's epsilon (sigmoid only)
     rpo_alpha: float = 0.0  # weight of the chosen answers' per-token NLL added to the loss (RPO; 0: plain DPO)
     precompute_ref_logprobs: bool = False  # one reference pass before training (over the batches training will see)
@@ -214,13 +216,29 @@ class DPOConfig(StageConfig):
     lora: LoraConfig = field(default_factory=LoraConfig)  # used when no adapter is inherited
 
     def __post_init__(self):
-        from alignment.losses import DPO_LOSS_TYPES
+        from alignment.stages.dpo import PAIR_LOSSES, loss_names, needs_reference
 
         super().__post_init__()
+        where = f"stages.{self.name}"
         _positive(self, "beta")
-        _check(self.loss_type in DPO_LOSS_TYPES, f"stages.{self.name}.loss_type", f"must be one of {sorted(DPO_LOSS_TYPES)}")
-        _check(0 <= self.label_smoothing < 0.5, f"stages.{self.name}.label_smoothing", "must be in [0, 0.5)")
-        _check(self.rpo_alpha >= 0, f"stages.{self.name}.rpo_alpha", "must be >= 0")
+        names = loss_names(self.loss_type)
+        _check(bool(names), f"{where}.loss_type", "an empty list; name at least one loss type")
+        for name in names:
+            _check(name in PAIR_LOSSES, f"{where}.loss_type", f"unknown loss type {name!r}; valid: {sorted(PAIR_LOSSES)}")
+        if self.loss_weights is not None:
+            _check(not isinstance(self.loss_type, str), f"{where}.loss_weights",
+                   f"weights a list loss_type (e.g. [sigmoid, bco_pair, sft]); loss_type is the single {self.loss_type!r}: "
+                   "remove loss_weights or make loss_type a list")
+            _check(len(self.loss_weights) == len(names), f"{where}.loss_weights",
+                   f"{len(self.loss_weights)} weight(s) for the {len(names)} loss types {names}; give one weight per loss type")
+            for name, weight in zip(names, self.loss_weights):
+                _check(weight >= 0, f"{where}.loss_weights", f"must be >= 0, got {weight!r} (for {name})")
+        _check(not self.precompute_ref_logprobs or needs_reference(self.loss_type), f"{where}.precompute_ref_logprobs",
+               f"loss_type {self.loss_type} is reference-free: there is no reference to precompute; remove the key")
+        _check(0 <= self.label_smoothing < 0.5, f"{where}.label_smoothing", "must be in [0, 0.5)")
+        _check(self.label_smoothing == 0 or "sigmoid" in names, f"{where}.label_smoothing",
+               f"applies to the sigmoid loss only, and loss_type is {self.loss_type}")
+        _check(self.rpo_alpha >= 0, f"{where}.rpo_alpha", "must be >= 0")
 
 
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "dpo": DPOConfig}

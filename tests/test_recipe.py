@@ -94,3 +94,34 @@ def test_misspelt_keys_and_stage_types_get_a_did_you_mean(raw, guess):
         recipe_from_dict(raw)
     assert guess in str(error.value)
     assert "zzz'?" not in str(error.value)  # nothing close: no guess
+
+
+def test_dpo_loss_types_and_their_weights():
+    recipe = recipe_from_dict({"stages": [{"type": "dpo", "loss_type": ["sigmoid", "bco_pair", "sft"],
+                                           "loss_weights": [0.8, 0.2, 1]}]})
+    assert recipe.stages[0].loss_type == ["sigmoid", "bco_pair", "sft"] and recipe.stages[0].loss_weights == [0.8, 0.2, 1.0]
+    for loss_type in ("apo_zero", "apo_down", "bco_pair", "orpo", "simpo", "cpo", "sft"):
+        assert recipe_from_dict({"stages": [{"type": "dpo", "loss_type": loss_type}]}).stages[0].loss_type == loss_type
+    for stage, needle in [
+        ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, r"stages.dpo.loss_weights: 1 weight\(s\) for the 2"),
+        ({"loss_type": "sigmoid", "loss_weights": [1.0]}, "stages.dpo.loss_weights: weights a list loss_type"),
+        ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, -1]}, "loss_weights: must be >= 0, got -1.0 .for sft."),
+        ({"loss_type": ["sigmoid", "kto"]}, r"stages.dpo.loss_type: unknown loss type 'kto'; valid: \['apo_down'"),
+        ({"loss_type": []}, "stages.dpo.loss_type: an empty list"),
+        ({"loss_type": "cpo", "precompute_ref_logprobs": True}, "precompute_ref_logprobs: loss_type cpo is reference-free"),
+        ({"loss_type": ["orpo", "sft"], "precompute_ref_logprobs": True}, "precompute_ref_logprobs: .*reference-free"),
+        ({"loss_type": "ipo", "label_smoothing": 0.1}, "label_smoothing: applies to the sigmoid loss only"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            recipe_from_dict({"stages": [{"type": "dpo", **stage}]})
+    # A list holding a loss with a reference may precompute it; label smoothing goes to its sigmoid term.
+    recipe_from_dict({"stages": [{"type": "dpo", "loss_type": ["sigmoid", "simpo"], "precompute_ref_logprobs": True,
+                                  "label_smoothing": 0.1}]})
+
+
+def test_dpo_loss_keys_have_doc_lines():
+    from alignment.config import DPOConfig
+
+    docs = field_docs(DPOConfig)
+    assert "simpo" in docs["loss_type"] and "MPO" in docs["loss_weights"]
+    assert "2.0" in docs["simpo_gamma"] and "every loss_type" in docs["beta"] and DPOConfig().simpo_gamma == 0.5

@@ -93,6 +93,20 @@ RECIPE_ROWS = {
     "zero batch size": ("stages:\n  - {type: sft, batch_size: 0}\n", "batch_size: must be > 0, got 0"),
     "negative batch size": ("stages:\n  - {type: dpo, batch_size: -4}\n", "batch_size: must be > 0, got -4"),
     "not YAML": ("stages: [\n", "not valid YAML"),
+    "loss_weights not matching a list loss_type": (
+        "stages:\n  - {type: dpo, loss_type: [sigmoid, bco_pair, sft], loss_weights: [0.8, 0.2]}\n",
+        "stages.dpo.loss_weights: 2 weight(s) for the 3 loss types ['sigmoid', 'bco_pair', 'sft']"),
+    "loss_weights with a single loss_type": (
+        "stages:\n  - {type: dpo, loss_type: sigmoid, loss_weights: [1.0]}\n",
+        "stages.dpo.loss_weights: weights a list loss_type"),
+    "negative loss weight": (
+        "stages:\n  - {type: dpo, loss_type: [sigmoid, sft], loss_weights: [1.0, -0.5]}\n",
+        "stages.dpo.loss_weights: must be >= 0, got -0.5 (for sft)"),
+    "unknown loss type": ("stages:\n  - {type: dpo, loss_type: simpoo}\n",
+                          "stages.dpo.loss_type: unknown loss type 'simpoo'; valid: ['apo_down', 'apo_zero', 'bco_pair'"),
+    "reference-free loss with a reference pass": (
+        "stages:\n  - {type: dpo, loss_type: simpo, precompute_ref_logprobs: true}\n",
+        "stages.dpo.precompute_ref_logprobs: loss_type simpo is reference-free: there is no reference to precompute"),
 }
 
 
