@@ -292,3 +292,16 @@ def test_reference_free_losses_use_means_or_sums_and_add_the_nll(tmp_path, kind,
         logps = stage._pair_logps(batch)
     want = expected(logps.chosen, logps.rejected, logps.chosen_lengths, logps.rejected_lengths)
     torch.testing.assert_close(loss, want.sum(), atol=1e-4, rtol=0)
+
+
+def test_checkpoints_from_before_the_preference_family_keys_still_resume():
+    """A DPO checkpoint written before `simpo_gamma` and `loss_weights` existed holds neither: at their defaults
+    they are not part of the fingerprint; set, they are."""
+    from alignment.config import DPOConfig
+    from alignment.stages.base import config_fingerprint
+
+    default = config_fingerprint(DPOConfig(name="dpo"))
+    assert "simpo_gamma" not in default and "loss_weights" not in default
+    changed = config_fingerprint(DPOConfig(name="dpo", loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5],
+                                           simpo_gamma=1.0))
+    assert changed["simpo_gamma"] == 1.0 and changed["loss_weights"] == [1.0, 0.5]

@@ -579,14 +579,19 @@ def _append_ledger(stage: str, step: int, rank: int, ids: list) -> None:
 
 
 def config_fingerprint(config: StageConfig) -> dict:
-    """The settings a checkpoint must match to be resumed. The optimizer keys count only when they are
-    not the defaults (so checkpoints written before they existed still resume)."""
+    """The settings a checkpoint must match to be resumed. Keys added after checkpoints were written count only
+    when they are not at their defaults (`LATER_KEYS`, and the optimizer keys), so those checkpoints still resume."""
     skip = {"eval_examples", "eval_batch_size", "log_every"}
     if config.optimizer != "mezo":
         skip.add("mezo_eps")
     if config.optimizer == "adamw":
         skip.add("optimizer")
-    return {k: v for k, v in asdict(config).items() if k not in skip}
+    values = asdict(config)
+    skip |= {k for k, default in LATER_KEYS.items() if k in values and values[k] == default}
+    return {k: v for k, v in values.items() if k not in skip}
+
+
+LATER_KEYS = {"simpo_gamma": 0.5, "loss_weights": None}  # DPO keys of the preference family, at their defaults
 
 
 def _optimizer_file(engine: StepEngine, rank: int) -> str:
