@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from alignment.errors import ConfigError  # also imported from here by callers
-from alignment.presets import METHODS, PEFT_METHODS, PRESETS
+from alignment.presets import METHODS, PAIR_LOSSES, PEFT_METHODS, PRESETS, loss_names, needs_reference
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
@@ -216,8 +216,6 @@ class DPOConfig(StageConfig):
     lora: LoraConfig = field(default_factory=LoraConfig)  # used when no adapter is inherited
 
     def __post_init__(self):
-        from alignment.stages.dpo import PAIR_LOSSES, loss_names, needs_reference
-
         super().__post_init__()
         where = f"stages.{self.name}"
         _positive(self, "beta")

@@ -305,3 +305,12 @@ def test_checkpoints_from_before_the_preference_family_keys_still_resume():
     changed = config_fingerprint(DPOConfig(name="dpo", loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5],
                                            simpo_gamma=1.0))
     assert changed["simpo_gamma"] == 1.0 and changed["loss_weights"] == [1.0, 0.5]
+
+
+def test_the_stage_has_a_loss_for_every_name_recipes_may_pick():
+    from alignment.losses import DPO_LOSS_TYPES
+    from alignment.presets import PAIR_LOSSES, REFERENCE_PAIR_LOSSES, needs_reference
+    from alignment.stages.dpo import LOSSES
+
+    assert set(LOSSES) == set(PAIR_LOSSES) and set(DPO_LOSS_TYPES) <= set(REFERENCE_PAIR_LOSSES)
+    assert needs_reference(["simpo", "sft"]) is False and needs_reference(["sigmoid", "sft"]) is True

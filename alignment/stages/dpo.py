@@ -7,7 +7,8 @@ adapter touches the vision tower (its features are then identical for both). Wit
 (the default) each pair is one packed row, its image + prompt prefix through the language model
 once (`alignment.models.shared_prefix`).
 
-`loss_type` picks the per-pair loss from `PAIR_LOSSES` (the pairwise losses of `alignment.losses`);
+`loss_type` picks the per-pair loss from `LOSSES` (the pairwise losses of `alignment.losses`; the names, and
+which need a reference, are `alignment.presets.PAIR_LOSSES`);
 a list of them with `loss_weights` is their weighted sum (MPO: `[sigmoid, bco_pair, sft]`). The
 reference-free ones (orpo, simpo, cpo, and `sft`, the chosen answers' NLL) need no reference: a stage
 made only of them loads none and runs no reference pass.
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from alignment.data import collate_preference, collate_prompts
 from alignment.evaluate import answer_metrics, generate_answers, preference_metrics
 from alignment.losses import DPO_LOSS_TYPES, bco_pair_loss, cpo_loss, dpo_loss, orpo_loss, rpo_nll, simpo_loss
+from alignment.presets import loss_names, needs_reference
 from alignment.stages.base import Stage
 from alignment.stages.common import ensure_policy_adapter, pair_reward_stats, to_device
 from alignment.stages.engine import all_sum
@@ -71,11 +73,10 @@ class PairLogps:
 @dataclass(frozen=True)
 class PairLoss:
     """One `loss_type` of the DPO stage: ``per_pair(logps, config, delta) -> losses [P]`` (`delta`:
-    BCO's running reward mean), whether it needs the reference's log-probs, and which log-probs its
-    implicit rewards β·x use when the stage has no reference (`mean` or `sum`)."""
+    BCO's running reward mean), and which log-probs its implicit rewards β·x use when the stage has no
+    reference (`mean` or `sum`). Whether it needs the reference: `alignment.presets.needs_reference`."""
 
     per_pair: Callable[[PairLogps, object, float], torch.Tensor]
-    reference: bool
     reward_logps: str = "ratio"
 
 
@@ -86,31 +87,20 @@ def _dpo_type(name: str) -> PairLoss:
         return dpo_loss(logps.chosen, logps.rejected, logps.ref_chosen, logps.ref_rejected, beta=config.beta,
                         loss_type=name, label_smoothing=config.label_smoothing if name == "sigmoid" else 0.0)[0]
 
-    return PairLoss(per_pair, reference=True)
+    return PairLoss(per_pair)
 
 
-PAIR_LOSSES: dict[str, PairLoss] = {
+LOSSES: dict[str, PairLoss] = {  # alignment.presets.PAIR_LOSSES, each to its loss
     **{name: _dpo_type(name) for name in DPO_LOSS_TYPES},
-    "bco_pair": PairLoss(lambda lp, c, delta: bco_pair_loss(lp.chosen_logratios, lp.rejected_logratios, c.beta, delta),
-                         reference=True),
+    "bco_pair": PairLoss(lambda lp, c, delta: bco_pair_loss(lp.chosen_logratios, lp.rejected_logratios, c.beta, delta)),
     "orpo": PairLoss(lambda lp, c, _: orpo_loss(lp.chosen_mean, lp.rejected_mean, c.beta)[0] + lp.nll,
-                     reference=False, reward_logps="mean"),
+                     reward_logps="mean"),
     "simpo": PairLoss(lambda lp, c, _: simpo_loss(lp.chosen_mean, lp.rejected_mean, c.beta, c.simpo_gamma),
-                      reference=False, reward_logps="mean"),
+                      reward_logps="mean"),
     "cpo": PairLoss(lambda lp, c, _: cpo_loss(lp.chosen, lp.rejected, c.beta) + lp.nll,
-                    reference=False, reward_logps="sum"),
-    "sft": PairLoss(lambda lp, c, _: lp.nll, reference=False, reward_logps="mean"),
+                    reward_logps="sum"),
+    "sft": PairLoss(lambda lp, c, _: lp.nll, reward_logps="mean"),
 }
-
-
-def loss_names(loss_type: str | list[str]) -> list[str]:
-    """The loss types a `loss_type` value names (one, or a list)."""
-    return [loss_type] if isinstance(loss_type, str) else list(loss_type)
-
-
-def needs_reference(loss_type: str | list[str]) -> bool:
-    """True when any of the losses needs the reference's log-probs."""
-    return any(PAIR_LOSSES[name].reference for name in loss_names(loss_type))
 
 
 class DPOStage(Stage):
@@ -216,7 +206,7 @@ class DPOStage(Stage):
         beta = self.config.beta
         if self.uses_reference:
             return beta * logps.chosen_logratios.detach(), beta * logps.rejected_logratios.detach()
-        if PAIR_LOSSES[loss_names(self.config.loss_type)[0]].reward_logps == "sum":
+        if LOSSES[loss_names(self.config.loss_type)[0]].reward_logps == "sum":
             return beta * logps.chosen.detach(), beta * logps.rejected.detach()
         return beta * logps.chosen_mean.detach(), beta * logps.rejected_mean.detach()
 
@@ -232,9 +222,9 @@ class DPOStage(Stage):
         each term's batch mean, for the log)."""
         config, delta = self.config, self.bco_delta
         if isinstance(config.loss_type, str):
-            return PAIR_LOSSES[config.loss_type].per_pair(logps, config, delta), {}
+            return LOSSES[config.loss_type].per_pair(logps, config, delta), {}
         weights = config.loss_weights or [1.0] * len(config.loss_type)
-        terms = {name: PAIR_LOSSES[name].per_pair(logps, config, delta) for name in config.loss_type}
+        terms = {name: LOSSES[name].per_pair(logps, config, delta) for name in config.loss_type}
         losses = sum(weight * terms[name] for name, weight in zip(config.loss_type, weights))
         return losses, {f"loss/{name}": term.detach().mean().item() for name, term in terms.items()}
 
