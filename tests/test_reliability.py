@@ -393,7 +393,7 @@ def test_sigterm_in_the_loop_checkpoints_then_exits_143(tmp_path, capsys):
         stage.train()
     assert info.value.code == 143 and ckpt.latest_checkpoint(tmp_path / "toy/checkpoints").name == "step-000003"
     assert "SIGTERM: checkpoint of step 3 saved" in capsys.readouterr().out
-    assert signal.getsignal(signal.SIGTERM) is not stage._on_sigterm  # the handler is restored
+    assert signal.getsignal(signal.SIGTERM) is not stage._stop  # the loop's handler is removed after it
     resumed = toy_stage(tmp_path, resume=True)
     resumed.train()
     assert torch.equal(resumed.policy.w, straight.policy.w)

@@ -242,10 +242,10 @@ def test_sigterm_mid_iteration_waits_for_the_boundary(tmp_path, prompts, adapter
     stage.setup(None)
     stage.remaining = 1  # one update of the current rollout left
     stage.buffer = [["last"]]
-    stage._on_sigterm(15, None)
-    assert not stage._sigterm
+    stage._stop(15, None)  # the loop's handler gets SIGTERM with one update of the rollout left
+    assert stage._stop_signal() == 0  # not mid-iteration
     assert stage.next_micro_batches(None) == ["last"]
-    assert stage._sigterm  # the loop checkpoints after this step, at the boundary, then stops
+    assert stage._stop_signal() == 15  # the loop checkpoints after this step, at the boundary, then stops
 
 
 def test_config_keeps_checkpoints_on_iteration_boundaries():

@@ -44,7 +44,7 @@ def test_sigint_in_the_loop_checkpoints_the_step_exits_130_and_resume_continues(
                      f"(checkpoint of step 3 saved in {tmp_path / 'toy/checkpoints'})"]
     assert "SIGINT: finishing this step, then a checkpoint" in captured.err and "Traceback" not in captured.err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert signal.getsignal(signal.SIGTERM) is not stage._on_sigterm
+    assert signal.getsignal(signal.SIGTERM) is not stage._stop
     resumed = toy_stage(tmp_path, save_every=50, resume=True)
     assert resumed.train() == 6 and "resumed from" in capfd.readouterr().out
     assert torch.equal(resumed.policy.w, straight.policy.w)

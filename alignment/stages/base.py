@@ -337,9 +337,15 @@ class Stage:
             signals.close()
         return step
 
+    def stop_deferred(self) -> bool:
+        """True inside a unit a checkpoint cannot split (PPO's, GRPO's rollout iteration): a stop waits."""
+        return False
+
     def _stop_signal(self) -> int:
-        """The stop signal any rank received in this stage's loop (0: none). SIGINT wins over SIGTERM
-        (a launcher relays a Ctrl-C to its workers as SIGTERM)."""
+        """The stop signal any rank received in this stage's loop (0: none, or deferred: `stop_deferred`, which
+        every rank answers alike). SIGINT wins over SIGTERM (a launcher relays a Ctrl-C to its workers as SIGTERM)."""
+        if self.stop_deferred():
+            return 0
         seen = self._stop.signum
         flags = torch.tensor([float(seen == signal.SIGINT), float(seen == signal.SIGTERM)])
         interrupt, terminate = all_sum(flags, self.ctx).tolist()
@@ -525,11 +531,6 @@ class Stage:
         if self.ctx.is_main:
             tqdm.write(f"[{self.config.name}] resumed from {folder} at step {step}")
         return step
-
-    @property
-    def _on_sigterm(self) -> StopRequest:
-        """The loop's SIGINT / SIGTERM handler (installed while the loop runs)."""
-        return self._stop
 
 
 @contextmanager

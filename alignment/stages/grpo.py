@@ -201,8 +201,6 @@ class GRPOStage(OnlineStage):
                         rollout.select(torch.cat([_group_rows(int(g), cfg.num_generations) for g in part]))
                         for part in torch.tensor_split(minibatch, cfg.grad_accum) if len(part)])
         self.remaining -= 1
-        if self.remaining == 0 and self._stop_at_boundary:
-            self._sigterm = True  # the base loop checkpoints after this step, at the boundary
         return self.buffer.pop(0)
 
     def count(self, batch: Rollout):

@@ -32,7 +32,6 @@ class OnlineStage(Stage):
 
     adapter_name = "policy"
     remaining = 0
-    _stop_at_boundary = False
 
     def _reward_source(self) -> Path:
         if self.config.reward_adapter:
@@ -65,7 +64,6 @@ class OnlineStage(Stage):
         self.remaining = 0  # updates left in the current rollout
         self.rollout_stats: dict[str, float] = {}
         self.before: dict | None = None  # the starting policy's held-out answers (`answer_eval`)
-        self._stop_at_boundary = False
         # Which roles see other image features than the bare base's: only those whose own adapter
         # touches the vision tower (an `all`-preset reward adapter makes the reward role re-encode, not
         # every role).
@@ -194,12 +192,10 @@ class OnlineStage(Stage):
             ref_logprobs, _ = self._sampling_logprobs(reference, batch, self._features("reference", prompts, features))
         return batch, features, actor_features, logprobs, ref_logprobs, mask
 
-    def _on_sigterm(self, signum, frame):
-        """Stop at the end of the current iteration: a checkpoint mid-iteration could not be resumed exactly."""
-        if self.remaining == 0:
-            self._sigterm = True
-        else:
-            self._stop_at_boundary = True
+    def stop_deferred(self) -> bool:
+        """A stop signal waits for the end of the current rollout iteration: a checkpoint mid-iteration could not
+        be resumed exactly (the rollout's remaining updates are not saved)."""
+        return self.remaining != 0
 
     def collate(self, examples):
         return to_device(collate_prompts(examples, self.policy.processor, **self.ctx.prompt_kwargs), self.policy.device)

@@ -184,8 +184,6 @@ class PPOStage(OnlineStage):
                     self.buffer.append([rollout.select(rows[i : i + cfg.batch_size])
                                         for i in range(0, len(rows), cfg.batch_size)])
         self.remaining -= 1
-        if self.remaining == 0 and self._stop_at_boundary:
-            self._sigterm = True  # the base loop checkpoints after this step, at the boundary
         return self.buffer.pop(0)
 
     def count(self, batch: Rollout):
