@@ -129,16 +129,13 @@ def _generation_settings(policy, max_new_tokens: int | None) -> dict:
     return settings
 
 
-def sample_cover() -> Path:
-    """The example cover shipped with the package."""
-    return Path(__file__).parent / "assets" / "sample_cover.png"
-
-
 def usage_snippet(folder: str | os.PathLike, image: str | os.PathLike | None = None,
                   question: str = SAMPLE_QUESTION) -> str:
     """Python that answers `question` about `image` with the merged `folder` and plain transformers, exactly as
     `vlm-align generate` does with the stage's adapter (greedy, same prompt, same stop tokens)."""
-    image = sample_cover() if image is None else image
+    from alignment.summary import sample_cover_path
+
+    image = sample_cover_path() if image is None else image
     return f"""import json
 
 from PIL import Image

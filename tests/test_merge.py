@@ -80,7 +80,8 @@ def _run_snippet(code: str, capsys) -> str:
 def test_the_merged_card_snippet_answers_like_vlm_align_generate(run, merged, capsys):
     """The merged folder carries the run's instruction and stop tokens: its card's plain-transformers snippet,
     run as written (the shipped sample cover), prints what `vlm-align generate` prints with the adapter."""
-    from alignment.merge import PROMPT_FILE, sample_cover
+    from alignment.merge import PROMPT_FILE
+    from alignment.summary import sample_cover_path as sample_cover
 
     prompt = json.loads((merged / PROMPT_FILE).read_text())
     assert prompt["instruction"] == DEFAULT_INSTRUCTION and "{question}" in prompt["template"]
@@ -173,9 +174,9 @@ def test_the_merged_card_snippet_answers_like_generate_on_a_real_geometry_standi
     """The same on a stand-in of real geometry (real vocabulary, chat template, image placeholders and stop ids;
     LLaVA: 576 image tokens; Mllama: 560-px tiles): a stage folder holding a LoRA whose B is random (so the
     merge changes the weights), merged, then the card's snippet against `vlm-align generate`."""
-    from alignment.merge import sample_cover
     from alignment.policy import LoraSpec
     from alignment.recipe import recipe_from_dict, save_recipe
+    from alignment.summary import sample_cover_path as sample_cover
 
     run = tmp_path / "run"
     run.mkdir()

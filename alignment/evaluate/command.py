@@ -17,6 +17,7 @@ import torch
 from alignment.errors import ConfigError
 from alignment.evaluate.metrics import answer_metrics, generate_answers
 from alignment.runs import adapter_folders, instruction_of, load_adapters, load_base, open_stage
+from alignment.summary import format_table
 
 
 def eval_setup(recipe, index: int, split: str, limit: int | None):
@@ -109,14 +110,6 @@ def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
@@ -156,7 +149,7 @@ def command(args) -> int:
     rows = [header] + [[key, _fmt(value)] + ([_fmt(reported.get(key, "-"))] if reported else [])
                        for key, value in scalars.items()]
     print(f"{config.name} ({config.type}) on {data['source']} [{split}, {data['examples']} examples]")
-    print(_table(rows))
+    print(format_table(rows))
     print(f"wrote {out}")
     return 0
 
@@ -177,6 +170,6 @@ def _eval_adapters(args, recipe, index: int, split: str) -> int:
     rows = [["metric", *scalars]] + [[key, *(_fmt(m.get(key, "-")) for m in scalars.values())] for key in keys]
     print(f"{config.name} ({config.type}) on {data['source']} [{split}, {data['examples']} examples], "
           f"{len(folders)} adapters on one base")
-    print(_table(rows))
+    print(format_table(rows))
     print(f"wrote {out}")
     return 0
